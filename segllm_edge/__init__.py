@@ -1,0 +1,2 @@
+"""segllm-edge: fast, faithful SegLLM inference."""
+__version__ = "0.1.0"
