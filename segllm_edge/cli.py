@@ -1,0 +1,175 @@
+"""``segllm-edge`` command line (also ``python -m segllm_edge``)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from .errors import SegLLMError
+
+DEMO_QUESTIONS = ("Segment the red circle.", "Segment the blue square next to it.[REF:1]",
+                  "Segment the object above instance 2.[REF:2]")
+
+
+def demo_image() -> Path:
+    return Path(str(resources.files("segllm_edge").joinpath("assets", "demo_shapes.png")))
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc))
+
+
+class _Step:
+    """Prints '<what> … done in Xs' around a long step."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        click.echo(f"{self.what} …", nl=False, err=True)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        click.echo(f" {'done' if exc is None else 'failed'} in {time.perf_counter() - self.t0:.1f}s", err=True)
+        return False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="segllm-edge")
+def main() -> None:
+    """segllm-edge: fast, faithful SegLLM inference (multi-round reasoning segmentation)."""
+
+
+@main.command("make-tiny-checkpoint")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--hidden", default=128, show_default=True, help="LLM hidden size")
+@click.option("--layers", default=2, show_default=True, help="LLM layers")
+@click.option("--heads", default=4, show_default=True, help="LLM attention heads")
+@click.option("--intermediate", default=256, show_default=True, help="LLM FFN size")
+@click.option("--clip-hidden", default=128, show_default=True, help="CLIP width (multiple of 64)")
+@click.option("--clip-layers", default=3, show_default=True, help="CLIP layers")
+@click.option("--shards", default=1, show_default=True, help="number of safetensors shards (>1 writes an index)")
+@click.option("--force", is_flag=True, help="overwrite a non-empty folder")
+def make_tiny(out, hidden, layers, heads, intermediate, clip_hidden, clip_layers, shards, force):
+    """Write a small random SegLLM checkpoint (released layout, full HIPIE-R50) to OUT."""
+    from .tiny import TinySizes, make_tiny_checkpoint
+
+    sizes = TinySizes(hidden=hidden, layers=layers, heads=heads, intermediate=intermediate,
+                      clip_hidden=clip_hidden, clip_layers=clip_layers, clip_intermediate=4 * clip_hidden)
+    try:
+        with _Step(f"writing tiny checkpoint to {out}"):
+            make_tiny_checkpoint(out, sizes, shards=shards, force=force)
+    except SegLLMError as exc:
+        _fail(exc)
+    click.echo(str(out))
+
+
+def _load(checkpoint: Path, backend: str, dtype: str):
+    from . import load
+
+    with _Step(f"loading {checkpoint} ({backend}, {dtype})"):
+        return load(checkpoint, backend=backend, dtype=dtype)
+
+
+def _run_rounds(model, image, questions, reuse: bool, out: Path | None):
+    from PIL import Image
+
+    from .runtime.profiler import timings_table
+
+    s = model.session(image, reuse=reuse)
+    rows = []
+    for i, q in enumerate(questions, 1):
+        r = s.ask(q)
+        rows.append(r.timings)
+        ys, xs = r.mask.nonzero()
+        where = f"mask {int(r.mask.sum())} px, box [{', '.join(f'{v:.0f}' for v in r.box)}]" if len(ys) else "empty mask"
+        click.echo(f"round {i}: {q!r} → {where}  ({sum(r.timings.values()):.0f} ms)")
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(r.overlay(s.rgb)).save(out / f"round{i}_overlay.png")
+            Image.fromarray((r.mask * 255).astype("uint8")).save(out / f"round{i}_mask.png")
+    click.echo(timings_table(rows, title=f"per-stage latency (ms), {'with reuse' if reuse else 'no reuse'}:"))
+    return s, rows
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="checkpoint folder (default: build a tiny one under --workdir)")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("segllm-demo"),
+              show_default=True, help="where the tiny checkpoint and the overlays go")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnxruntime"]))
+@click.option("--dtype", default="fp32", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write the per-round timings as JSON")
+def demo(checkpoint, workdir, backend, dtype, json_out):
+    """Run a 3-round conversation on a bundled image and print per-round latency."""
+    from .runtime.profiler import timings_json
+    from .tiny import make_tiny_checkpoint
+
+    try:
+        if checkpoint is None:
+            checkpoint = workdir / "tiny-checkpoint"
+            if not (checkpoint / "config.json").exists():
+                with _Step(f"building a tiny checkpoint in {checkpoint}"):
+                    make_tiny_checkpoint(checkpoint, force=True)
+        model = _load(checkpoint, backend, dtype)
+        click.echo(f"{model}\nimage: {demo_image().name}")
+        _, rows = _run_rounds(model, demo_image(), DEMO_QUESTIONS, reuse=True, out=workdir / "overlays")
+    except SegLLMError as exc:
+        _fail(exc)
+    click.echo(f"overlays written to {workdir / 'overlays'}")
+    if json_out:
+        json_out.write_text(timings_json(rows))
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="checkpoint or export folder")
+@click.option("--image", required=True, type=click.Path(path_type=Path))
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnxruntime"]))
+@click.option("--dtype", default="fp32", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="write overlays here")
+@click.option("--no-reuse", is_flag=True, help="recompute everything every round (the research code's way)")
+@click.argument("questions", nargs=-1)
+def chat(checkpoint, image, backend, dtype, out, no_reuse, questions):
+    """Segment IMAGE over several rounds: chat ... "q1" "q2 [REF:1]"; interactive when no questions are given."""
+    try:
+        model = _load(checkpoint, backend, dtype)
+        if questions:
+            _run_rounds(model, image, questions, reuse=not no_reuse, out=out)
+            return
+        s = model.session(image, reuse=not no_reuse)
+    except SegLLMError as exc:
+        _fail(exc)
+    click.echo("Ask a question per line; add [REF:k] to refer to round k's mask. Empty line or Ctrl-D ends.")
+    while True:
+        try:
+            q = input(f"round {len(s.rounds) + 1}> ").strip()
+        except EOFError:
+            break
+        if not q:
+            break
+        try:
+            r = s.ask(q)
+        except SegLLMError as exc:
+            click.echo(f"error: {exc}", err=True)
+            continue
+        click.echo(f"mask {int(r.mask.sum())} px, box {[round(float(v), 1) for v in r.box]}, "
+                   + ", ".join(f"{k} {v:.0f}ms" for k, v in r.timings.items()))
+        if out is not None:
+            from PIL import Image
+
+            out.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(r.overlay(s.rgb)).save(out / f"round{r.round}_overlay.png")
+
+
+def _main_module() -> None:  # python -m segllm_edge
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

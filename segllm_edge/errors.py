@@ -1,0 +1,53 @@
+"""The errors segllm-edge raises on bad input. Each names the problem in plain words.
+
+Everything derives from :class:`SegLLMError`, so callers can catch one type; the
+subclasses let them tell a bad checkpoint from a bad image or a bad reference.
+"""
+from __future__ import annotations
+
+
+class SegLLMError(Exception):
+    """Base class of every error raised for bad input or bad state."""
+
+
+class CheckpointError(SegLLMError):
+    """A checkpoint or export folder is missing, corrupt, incomplete or of the wrong shape."""
+
+
+class ImageError(SegLLMError):
+    """An image could not be read or is of an unsupported kind."""
+
+
+class ReferenceError_(SegLLMError):
+    """A question refers to a round that does not exist or has no mask."""
+
+
+class QuestionError(SegLLMError):
+    """A question is not a usable string (for example it contains a reserved token such as ``<seg>``)."""
+
+
+class ContextOverflowError(SegLLMError):
+    """The conversation would exceed the model's context or the session's memory budget."""
+
+
+class SessionError(SegLLMError):
+    """A session is unknown, closed, or was lost (for example by a server restart)."""
+
+
+class BackendError(SegLLMError):
+    """A backend is unknown or cannot run here (for example a missing optional package)."""
+
+
+# ``ReferenceError`` is a Python builtin; export the project's under a clear alias too.
+RoundReferenceError = ReferenceError_
+
+__all__ = [
+    "SegLLMError",
+    "CheckpointError",
+    "ImageError",
+    "RoundReferenceError",
+    "QuestionError",
+    "ContextOverflowError",
+    "SessionError",
+    "BackendError",
+]

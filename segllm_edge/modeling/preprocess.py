@@ -1,0 +1,94 @@
+"""Image input and the CLIP preprocessing of the released model (PIL + numpy; no torchvision).
+
+CLIP (``CLIPImageProcessor`` of openai/clip-vit-large-patch14): convert RGB, resize the
+shortest side to 224 (PIL bicubic), centre crop 224, /255, normalise.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import ImageError
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+MAX_PIXELS = 64_000_000
+
+
+def _from_pil(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        # composite on black, which is what PIL's convert("RGB") does for RGBA (drops alpha)
+        img = img.convert("RGB")
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(image) -> np.ndarray:
+    """A path, PIL image or array → HxWx3 uint8 RGB.
+
+    Grayscale, palette, RGBA (alpha dropped, as ``convert("RGB")`` does) and 16-bit images are
+    converted; anything else raises :class:`ImageError` naming the problem.
+    """
+    if isinstance(image, (str, Path)):
+        p = Path(image)
+        if not p.is_file():
+            raise ImageError(f"image file not found: {p}")
+        try:
+            with Image.open(p) as img:
+                img.load()
+                return load_image(img)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(f"cannot read image {p}: {exc}") from None
+    if isinstance(image, Image.Image):
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageError(f"image of {image.width}x{image.height} pixels is larger than {MAX_PIXELS} pixels")
+        if image.width < 1 or image.height < 1:
+            raise ImageError("image is empty")
+        return np.ascontiguousarray(_from_pil(image))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        a = image
+        if a.ndim == 2:
+            a = a[:, :, None]
+        if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+            raise ImageError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4; got shape {tuple(image.shape)}")
+        if a.shape[0] < 1 or a.shape[1] < 1:
+            raise ImageError(f"image array is empty: shape {tuple(image.shape)}")
+        if a.dtype == np.uint16:
+            a = (a.astype(np.float64) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
+        elif a.dtype != np.uint8:
+            raise ImageError(f"image array must be uint8 (or uint16); got {a.dtype}")
+        if a.shape[2] == 1:
+            a = np.repeat(a, 3, axis=2)
+        elif a.shape[2] == 4:
+            a = a[:, :, :3]
+        return np.ascontiguousarray(a)
+    raise ImageError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or an HxWx3 uint8 array")
+
+
+def clip_preprocess(rgb: np.ndarray, size: int = 224) -> torch.Tensor:
+    """HxWx3 uint8 → (3, size, size) float32, exactly as CLIPImageProcessor does it."""
+    img = Image.fromarray(rgb)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    img = img.resize((new_w, new_h), resample=Image.BICUBIC)
+    a = np.asarray(img, dtype=np.uint8)
+    top = (new_h - size) // 2
+    left = (new_w - size) // 2
+    if top < 0 or left < 0:  # CLIPImageProcessor pads when the crop is larger; never happens after resize
+        raise ImageError("internal: CLIP crop larger than the resized image")
+    a = a[top:top + size, left:left + size].astype(np.float32) * np.float32(1 / 255)
+    a = (a - CLIP_MEAN) / CLIP_STD
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))

@@ -1,0 +1,101 @@
+"""Tokenizer and the Vicuna-v1 conversation template of the released SegLLM.
+
+The research code re-tokenizes the whole conversation every round. Text is split at
+special tokens before tokenization, and every round ends with ``</s>``, so a round's
+tokens can be computed alone: tokenize ``"</s>" + round_text`` and drop the leading
+``</s>``. :meth:`SegLLMTokenizer.round_ids` does that; tests check it against
+whole-conversation tokenization.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+USER, ASSISTANT = "USER", "ASSISTANT"
+VIDEO, SEG, EOS = "<video>", "<seg>", "</s>"
+DEFAULT_MAX_LENGTH = 2048
+REF_SUFFIX = re.compile(r"\[REF:\s*([0-9][0-9,\s]*)\]\s*$", re.IGNORECASE)
+RESERVED_TOKENS = ("<video>", "<seg>", "</s>", "<s>", "<unk>", "<image>", "<seg_input>")
+
+
+def split_refs(question: str) -> tuple[str, list[int]]:
+    """``"Segment it.[REF:1,2]"`` → ``("Segment it.", [1, 2])``; questions without a suffix pass through."""
+    m = REF_SUFFIX.search(question)
+    if not m:
+        return question, []
+    refs = [int(x) for x in re.split(r"[,\s]+", m.group(1).strip()) if x]
+    return question[: m.start()].rstrip(), refs
+
+
+def round_text(question: str, n_image_tokens: int, n_refs: int, first: bool) -> str:
+    """The text of one round (user turn + teacher-forced ``<seg>`` answer), as the research code builds it.
+
+    Round 1: ``USER: <video>×256 {q} ASSISTANT: <seg></s>`` after the system prompt;
+    later rounds: ``USER: (<video><video>)×refs{q} ASSISTANT: <seg></s>``.
+    """
+    if first:
+        user = VIDEO * n_image_tokens + " " + question
+        prefix = SYSTEM + " "
+    else:
+        user = VIDEO * (2 * n_refs) + question
+        prefix = ""
+    return f"{prefix}{USER}: {user} {ASSISTANT}: {SEG}{EOS}"
+
+
+@dataclass
+class SegLLMTokenizer:
+    tok: object  # a transformers tokenizer
+    video_id: int
+    seg_id: int
+    eos_id: int
+    bos_id: int
+    max_length: int
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "SegLLMTokenizer":
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:  # transformers raises many types for broken tokenizer files
+            raise CheckpointError(f"cannot load the tokenizer from {folder}: {exc}") from None
+        ids = {}
+        for t in (VIDEO, SEG, EOS):
+            i = tok.convert_tokens_to_ids(t)
+            if i is None or i == tok.unk_token_id:
+                raise CheckpointError(f"the tokenizer in {folder} has no {t} token: not a SegLLM tokenizer")
+            ids[t] = int(i)
+        if tok.bos_token_id is None:
+            raise CheckpointError(f"the tokenizer in {folder} has no BOS token")
+        max_len = getattr(tok, "model_max_length", DEFAULT_MAX_LENGTH)
+        if not isinstance(max_len, int) or max_len > 1_000_000:
+            max_len = DEFAULT_MAX_LENGTH
+        return cls(tok=tok, video_id=ids[VIDEO], seg_id=ids[SEG], eos_id=ids[EOS], bos_id=int(tok.bos_token_id),
+                   max_length=max_len)
+
+    def reserved_tokens(self) -> tuple[str, ...]:
+        """Special/added tokens a question must not contain (they would shift placeholders or ``<seg>``)."""
+        added = [getattr(v, "content", str(v)) for v in getattr(self.tok, "added_tokens_decoder", {}).values()]
+        return tuple(sorted(set(RESERVED_TOKENS).union(added)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def conversation_ids(self, text: str) -> list[int]:
+        """Whole-conversation tokenization (BOS added), as the research code does each round."""
+        return list(self.tok(text).input_ids)
+
+    def round_ids(self, text: str, first: bool) -> list[int]:
+        """Token ids of one round alone; concatenating rounds equals :meth:`conversation_ids` of the whole."""
+        if first:
+            return self.conversation_ids(text)
+        ids = list(self.tok(EOS + text, add_special_tokens=False).input_ids)
+        if not ids or ids[0] != self.eos_id:
+            raise RuntimeError("internal: round tokenization did not start at </s>")
+        return ids[1:]

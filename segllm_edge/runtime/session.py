@@ -1,0 +1,312 @@
+"""A multi-round SegLLM conversation over one image.
+
+Two modes compute the same masks:
+
+* ``reuse=True`` (default): the image is encoded by CLIP and the HIPIE backbone once,
+  the LLM's KV cache keeps the conversation, a round prefills only its own tokens,
+  only the newest ``<seg>`` is decoded, and each masked crop is CLIP-encoded once,
+  the first time a later round refers to it.
+* ``reuse=False``: every round recomputes everything the way the research code does
+  (whole-conversation tokenization, CLIP on the image and every referenced crop, full
+  prefill, HIPIE backbone, HIPIE transformer for every ``<seg>`` so far, keep the last).
+  This is the baseline the benchmarks compare against.
+
+A round either completes or leaves the session exactly as it was (the KV cache is
+cropped back on failure), so a session stays usable after an error.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import ContextOverflowError, QuestionError, RoundReferenceError, SessionError
+from ..modeling.hipie.preprocess import hipie_preprocess
+from ..modeling.hipie.selection import select_instance
+from ..modeling.mask_postprocess import box_to_original, masked_crop, postprocess_mask
+from ..modeling.preprocess import clip_preprocess, load_image
+from ..modeling.tokenizer import round_text, split_refs
+from .backend import Backend
+from .profiler import StageTimer
+from .results import RoundResult
+
+@dataclass
+class _Round:
+    question: str
+    refs: tuple[int, ...]
+    ids: list[int]
+    result: RoundResult
+    crop_pixels: torch.Tensor        # (3,224,224) CLIP input of the masked crop
+    bbox_vec: torch.Tensor           # (4,) [y0,x0,y1,x1]/1024
+    mask_tokens: torch.Tensor | None = None  # (2,H) once encoded (reuse mode)
+
+
+@dataclass
+class _Image:
+    rgb: np.ndarray                  # original HxWx3 uint8
+    clip_pixels: torch.Tensor        # (1,3,224,224)
+    hipie_input: torch.Tensor        # (1,3,1024,1024) normalised
+    resized_padded: np.ndarray       # (1024,1024,3) uint8
+    input_hw: tuple[int, int]
+    image_tokens: torch.Tensor | None = None     # (1,256,H)
+    features: list[torch.Tensor] | None = None   # HIPIE backbone levels
+    extra: dict = field(default_factory=dict)
+
+
+class Session:
+    def __init__(self, backend: Backend, image, reuse: bool = True, trace: bool = False,
+                 max_kv_bytes: int | None = None):
+        self.backend = backend
+        self.reuse = reuse
+        self.trace = trace
+        self.max_kv_bytes = max_kv_bytes
+        self.rgb = load_image(image)  # raises ImageError before any state exists
+        self.rounds: list[_Round] = []
+        self._image: _Image | None = None
+        self._cache = None
+        self._closed = False
+        info = backend.info
+        if max_kv_bytes is not None and max_kv_bytes < info.kv_bytes_per_token() * (info.image_tokens + 64):
+            raise ContextOverflowError(
+                f"max_kv_bytes={max_kv_bytes} cannot hold even the first round "
+                f"(~{info.image_tokens + 64} tokens × {info.kv_bytes_per_token()} bytes)")
+
+    # ------------------------------------------------------------------ state
+    @property
+    def context_length(self) -> int:
+        return sum(len(r.ids) for r in self.rounds)
+
+    @property
+    def results(self) -> list[RoundResult]:
+        return [r.result for r in self.rounds]
+
+    def kv_cache_bytes(self) -> int:
+        return self._cache.nbytes() if self._cache is not None else 0
+
+    def state_bytes(self) -> int:
+        """Bytes held by this session: KV cache, image features, mask memory."""
+        total = self.kv_cache_bytes() + self.rgb.nbytes
+
+        def tb(t):
+            return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+        if self._image is not None:
+            im = self._image
+            total += tb(im.clip_pixels) + tb(im.hipie_input) + im.resized_padded.nbytes + tb(im.image_tokens)
+            total += sum(tb(f) for f in im.features or [])
+        for r in self.rounds:
+            total += tb(r.crop_pixels) + tb(r.bbox_vec) + tb(r.mask_tokens)
+            total += r.result.mask.nbytes + r.result.model_mask.nbytes + r.result.mask_logits.nbytes
+        return total
+
+    def close(self) -> None:
+        self._cache = None
+        self._image = None
+        self._closed = True
+
+    # ------------------------------------------------------------ validation
+    def _check_question(self, question, refs) -> tuple[str, tuple[int, ...]]:
+        if self._closed:
+            raise SessionError("this session is closed")
+        if not isinstance(question, str):
+            raise QuestionError(f"a question must be a string, not {type(question).__name__}")
+        text, inline = split_refs(question)
+        for tok in self.backend.tokenizer.reserved_tokens():
+            if tok in text:
+                raise QuestionError(f"the question contains the reserved token {tok!r}")
+        given = list(refs) if refs is not None else []
+        merged = given + [r for r in inline if r not in given]
+        n = len(self.rounds)
+        for r in merged:
+            if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+                raise RoundReferenceError(f"a reference must be a round number, not {r!r}")
+            if not 1 <= r <= n:
+                have = f"rounds 1..{n} exist" if n else "no round has been answered yet"
+                raise RoundReferenceError(f"round {n + 1} refers to round {r}, but {have}")
+            if self.rounds[r - 1].result.empty:
+                raise RoundReferenceError(f"round {r} produced an empty mask; there is nothing to refer to")
+        return text, tuple(int(r) for r in merged)
+
+    def _check_context(self, total_tokens: int) -> None:
+        info = self.backend.info
+        if total_tokens > info.max_context:
+            raise ContextOverflowError(
+                f"the conversation would reach {total_tokens} tokens, over the model's context of {info.max_context}; "
+                f"start a new session (rounds so far: {len(self.rounds)})")
+        if self.max_kv_bytes is not None:
+            need = total_tokens * info.kv_bytes_per_token()
+            if need > self.max_kv_bytes:
+                raise ContextOverflowError(
+                    f"the KV cache would need {need} bytes for {total_tokens} tokens, over this session's budget "
+                    f"of {self.max_kv_bytes} bytes; start a new session or raise max_kv_bytes")
+
+    # ---------------------------------------------------------------- stages
+    def _prepare_image(self, t: StageTimer) -> _Image:
+        with t.stage("preprocess"):
+            clip_pixels = clip_preprocess(self.rgb, self.backend.info.clip_image_size)[None]
+            hipie_input, resized, input_hw = hipie_preprocess(self.rgb)
+        return _Image(self.rgb, clip_pixels, hipie_input, resized, tuple(int(v) for v in input_hw))
+
+    def _encode_image(self, im: _Image, t: StageTimer) -> None:
+        with t.stage("vision_encoder"):
+            im.image_tokens = self.backend.encode_image(im.clip_pixels)
+        with t.stage("mask_backbone"):
+            im.features = self.backend.mask_backbone(im.hipie_input)
+
+    def _mask_tokens(self, refs: tuple[int, ...], t: StageTimer, cached: bool) -> torch.Tensor:
+        """(2*len(refs), H): mask token then box token for each reference, in order."""
+        if not refs:
+            return torch.zeros(0, self.backend.info.hidden_size)
+        todo = sorted({r for r in refs if not cached or self.rounds[r - 1].mask_tokens is None})
+        if todo:
+            with t.stage("mask_encoder"):
+                crops = torch.stack([self.rounds[r - 1].crop_pixels for r in todo])
+                boxes = torch.stack([self.rounds[r - 1].bbox_vec for r in todo])
+                enc = self.backend.encode_masks(crops, boxes)
+            fresh = {r: enc[i] for i, r in enumerate(todo)}
+            if cached:
+                for r, tok in fresh.items():
+                    self.rounds[r - 1].mask_tokens = tok
+        else:
+            fresh = {}
+        rows = [fresh[r] if r in fresh else self.rounds[r - 1].mask_tokens for r in refs]
+        return torch.cat(rows, dim=0)
+
+    def _embed(self, ids: list[int], extras: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the placeholder features *added* to the ``<video>`` rows (released quirk)."""
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        emb = self.backend.embed_tokens(ids_t).clone()
+        pos = (ids_t == self.backend.info.video_token_id).nonzero().flatten()
+        if pos.numel() != extras.shape[0]:
+            raise RuntimeError(f"internal: {pos.numel()} <video> tokens for {extras.shape[0]} placeholder rows")
+        if pos.numel():
+            emb[pos.to(emb.device)] += extras.to(emb.device, emb.dtype)
+        return emb
+
+    # ------------------------------------------------------------------ ask
+    def ask(self, question: str, refs=None) -> RoundResult:
+        """Run one round. ``refs`` (or an inline ``[REF:k]`` suffix) names earlier rounds by number."""
+        text, refs_t = self._check_question(question, refs)
+        first = not self.rounds
+        t = StageTimer(getattr(self.backend, "sync", None))
+        tok = self.backend.tokenizer
+        info = self.backend.info
+        with t.stage("tokenize"):
+            rtext = round_text(text, info.image_tokens, len(refs_t), first)
+            if self.reuse:
+                new_ids = tok.round_ids(rtext, first)
+                all_ids = None
+            else:
+                all_ids = tok.conversation_ids("".join(_round_texts(self.rounds, info.image_tokens)) + rtext)
+                new_ids = all_ids[self.context_length:]
+        self._check_context(self.context_length + len(new_ids))
+
+        cache_len = self._cache.length if self._cache is not None else 0
+        try:
+            if self.reuse:
+                result_parts = self._run_cached(new_ids, refs_t, first, t)
+            else:
+                result_parts = self._run_full(all_ids, refs_t, t)
+        except BaseException:
+            if self._cache is not None:
+                self._cache.crop(cache_len)
+            if first and self.reuse:
+                self._cache = None
+                self._image = None
+            raise
+        sel, raw_trace, prefill_tokens = result_parts
+        return self._finish(text, refs_t, new_ids, sel, raw_trace, prefill_tokens, t)
+
+    def _run_cached(self, new_ids, refs, first, t):
+        if first:
+            self._image = self._prepare_image(t)
+            self._encode_image(self._image, t)
+            self._cache = self.backend.new_cache()
+            extras = self._image.image_tokens[0]
+        else:
+            extras = self._mask_tokens(refs, t, cached=True)
+        emb = self._embed(new_ids, extras)
+        with t.stage("llm_prefill"):
+            hidden = self.backend.llm(emb[None], self._cache)[0]
+        seg_pos = _seg_positions(new_ids, self.backend.info.seg_token_id)[-1:]
+        return self._decode(hidden, seg_pos, self._image, t, emb)
+
+    def _run_full(self, all_ids, refs, t):
+        im = self._prepare_image(t)
+        self._encode_image(im, t)
+        self._image = im
+        # every placeholder of the whole conversation, in prompt order: image, then each round's refs
+        flat_refs = tuple(r for past in self.rounds[1:] for r in past.refs) + refs
+        rows = [im.image_tokens[0], self._mask_tokens(flat_refs, t, cached=False).to(im.image_tokens)]
+        emb = self._embed(all_ids, torch.cat(rows, dim=0))
+        with t.stage("llm_prefill"):
+            hidden = self.backend.llm(emb[None], None)[0]
+        seg_pos = _seg_positions(all_ids, self.backend.info.seg_token_id)
+        return self._decode(hidden, seg_pos, im, t, emb)
+
+    def _decode(self, hidden, seg_pos, im: _Image, t, emb):
+        rows = torch.tensor(seg_pos) - 1  # the position that predicts <seg>
+        with t.stage("seg_head"):
+            seg_in = hidden[rows]
+            cond = self.backend.seg_head(seg_in)
+        with t.stage("mask_decoder"):
+            raw = self.backend.mask_decode(im.features, cond)
+        with t.stage("postprocess"):
+            sel = select_instance(raw, index=-1)
+        trace = None
+        if self.trace:
+            trace = dict(inputs_embeds=emb.float().cpu(), hidden=hidden.float().cpu(), seg_in=seg_in.float().cpu(),
+                         seg_out=cond.float().cpu(), raw={k: v.float().cpu() for k, v in raw.items()}, selection=sel)
+        return sel, trace, emb.shape[0]
+
+    def _finish(self, text, refs, new_ids, sel, trace, prefill_tokens, t) -> RoundResult:
+        im = self._image
+        with t.stage("postprocess"):
+            logits = sel["mask_logits"].float().cpu()
+            pp = postprocess_mask(logits, im.input_hw, self.rgb.shape[:2])
+            box1024 = sel["box_xyxy"].float().cpu()
+            box = box_to_original(box1024, im.input_hw, self.rgb.shape[:2])
+        with t.stage("crop"):
+            model_mask = pp["model_mask"]
+            model_mask_np = model_mask.numpy() if isinstance(model_mask, torch.Tensor) else np.asarray(model_mask)
+            crop, _, bbox_vec = masked_crop(im.resized_padded, model_mask_np, box1024.numpy())
+            crop_pixels = clip_preprocess(np.asarray(crop), self.backend.info.clip_image_size)
+        n = len(self.rounds) + 1
+        if trace is not None:
+            trace.update(input_ids=[i for r in self.rounds for i in r.ids] + list(new_ids), crop=np.asarray(crop),
+                         crop_pixels=crop_pixels, bbox_vec=np.asarray(bbox_vec))
+        result = RoundResult(
+            round=n, question=text, refs=refs,
+            mask=_np(pp["mask"]).astype(bool), box=_np(box).astype(np.float32),
+            model_mask=model_mask_np.astype(bool), model_box=box1024.numpy().astype(np.float32),
+            mask_logits=logits.numpy(), score=float(sel["score"]), query_index=int(sel["query_index"]),
+            timings=dict(t.ms), new_tokens=int(prefill_tokens),
+            context_tokens=self.context_length + len(new_ids), trace=trace,
+        )
+        self.rounds.append(_Round(text, refs, list(new_ids), result, crop_pixels,
+                                  torch.as_tensor(np.asarray(bbox_vec), dtype=torch.float32)))
+        if not self.reuse:
+            self._image = None  # the research loop keeps nothing between rounds but crops and boxes
+        mem = {"kv_cache": self.kv_cache_bytes(), "session_state": self.state_bytes()}
+        dev = self.backend.memory_bytes()
+        if dev is not None:
+            mem["device"] = dev
+        result.memory = mem
+        return result
+
+
+def _np(x) -> np.ndarray:
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _seg_positions(ids: list[int], seg_id: int) -> list[int]:
+    pos = [i for i, v in enumerate(ids) if v == seg_id]
+    if not pos:
+        raise RuntimeError("internal: no <seg> token in the round")
+    return pos
+
+
+def _round_texts(rounds: list[_Round], image_tokens: int) -> list[str]:
+    return [round_text(r.question, image_tokens, len(r.refs), i == 0) for i, r in enumerate(rounds)]

@@ -1,0 +1,64 @@
+"""Shared fixtures. The golden checkpoint is rebuilt from its key list once per test run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_ckpt(tmp_path_factory) -> Path:
+    """The reference-run fixture's tiny checkpoint (tiny LLM + CLIP, full HIPIE-R50), bit-exact."""
+    from segllm_edge.tiny import make_tiny_checkpoint
+
+    out = tmp_path_factory.mktemp("golden_ckpt")
+    entries = json.loads((GOLDEN / "state_dict_keys.json").read_text())["keys"]
+    make_tiny_checkpoint(out, entries=entries, force=True)
+    (out / "config.json").write_text((GOLDEN / "golden_config.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="session")
+def golden_state_dict(golden_ckpt):
+    from safetensors.torch import load_file
+
+    return load_file(str(golden_ckpt / "model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def golden_rounds():
+    """Trimmed outputs of the research code, per round: ``g[r][key]`` for r in 1..3."""
+    data = np.load(GOLDEN / "rounds.npz")
+    out = {1: {}, 2: {}, 3: {}}
+    for k in data.files:
+        r, name = k.split("/", 1)
+        v = data[k]
+        if name.endswith("_packed"):
+            name, v = name[: -len("_packed")], np.unpackbits(v).astype(bool).reshape(1024, 1024)
+        out[int(r[1:])][name] = v
+    return out
+
+
+@pytest.fixture(scope="session")
+def golden_image() -> Path:
+    return GOLDEN / "shapes_a.png"
+
+
+GOLDEN_QUESTIONS = ("Segment the red circle.", "Segment the blue square next to it.[REF:1]",
+                    "Segment the object above instance 2.[REF:2]")
+
+
+@pytest.fixture(scope="session")
+def golden_model(golden_ckpt):
+    import segllm_edge
+
+    return segllm_edge.load(golden_ckpt)
