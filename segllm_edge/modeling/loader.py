@@ -51,7 +51,7 @@ class LoadedCheckpoint:
 
 def _hipie_ignored(key: str, use_stored_gammas: bool) -> bool:
     patterns = hipie_model.ignored_key_patterns(use_stored_gammas)
-    return any(re.fullmatch(p, key) for p in patterns)
+    return any(re.search(p, key) for p in patterns)
 
 
 def route_keys(state: dict[str, torch.Tensor], use_stored_gammas: bool) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
@@ -94,8 +94,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, use_st
         raise CheckpointError(f"mm_projector_type {cfg['mm_projector_type']!r} is not the released mlp2x_gelu")
     lcfg = llama_config(cfg, attn_implementation=attn_implementation)
     select_layer = int(cfg.get("mm_vision_select_layer", -2))
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory, no random init: the weights come from the checkpoint
         model = SegLLMModel(clip_cfg, lcfg, select_layer=select_layer, use_stored_gammas=use_stored_gammas)
+    # HIPIE is fixed-size and precomputes constant buffers (positions, proposal grids): build it for real
+    model.hipie = hipie_model.HipieMaskDecoder(use_stored_gammas=use_stored_gammas)
 
     renamed, ignored, unroutable = route_keys(state, use_stored_gammas)
     expected = model.state_dict(keep_vars=True)
@@ -149,7 +151,7 @@ def _materialise_buffers(model: torch.nn.Module) -> None:
 
     for mod in model.modules():
         if isinstance(mod, LlamaRotaryEmbedding):
-            fresh = LlamaRotaryEmbedding(mod.config, device="cpu")
+            fresh = LlamaRotaryEmbedding(mod.config)
             mod.inv_freq = fresh.inv_freq
             mod.original_inv_freq = fresh.original_inv_freq
     for name, buf in model.named_buffers():

@@ -33,16 +33,16 @@ def ms_deform_attn(
     n, _, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     grids = 2.0 * sampling_locations - 1.0
-    sampled = []
+    w_all = attention_weights.transpose(1, 2).reshape(n * m, lq, n_levels, n_points)
+    out = None
     start = 0
     for lvl, (h, w) in enumerate(spatial_shapes):
         v = value[:, start:start + h * w]                        # N, HW, M, D
         start += h * w
         v = v.permute(0, 2, 3, 1).reshape(n * m, d, h, w)         # N*M, D, H, W
         g = grids[:, :, :, lvl].transpose(1, 2).reshape(n * m, lq, n_points, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # N*M, D, Lq, L, P -> N*M, D, Lq, L*P
-    stacked = torch.stack(sampled, dim=-2).flatten(-2)
-    w_ = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, n_levels * n_points)
-    out = (stacked * w_).sum(-1).view(n, m * d, lq)
-    return out.transpose(1, 2).contiguous()
+        s = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # N*M, D, Lq, P
+        # weighted sum over the points of this level, accumulated over levels (no (L*P)-wide stacked copy)
+        contrib = torch.einsum("ndqp,nqp->nqd", s, w_all[:, :, lvl])                       # N*M, Lq, D
+        out = contrib if out is None else out + contrib
+    return out.view(n, m, lq, d).permute(0, 2, 1, 3).reshape(n, lq, m * d)
