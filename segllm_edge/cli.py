@@ -167,6 +167,72 @@ def chat(checkpoint, image, backend, dtype, out, no_reuse, questions):
             Image.fromarray(r.overlay(s.rgb)).save(out / f"round{r.round}_overlay.png")
 
 
+@main.command()
+@click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="checkpoint folder (torch backend); default: a tiny golden-size checkpoint under segllm-demo/")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="export folder (onnxruntime backend)")
+@click.option("--backend", default=None, type=click.Choice(["torch", "onnxruntime"]),
+              help="default: torch for --checkpoint, onnxruntime for --export")
+@click.option("--dtype", default="fp32", show_default=True, help="torch backend dtype")
+@click.option("--rounds", default=8, show_default=True)
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--warmup", default=1, show_default=True)
+@click.option("--image", type=click.Path(dir_okay=False, path_type=Path), default=None, help="default: bundled image")
+@click.option("--modes", default="reuse,no_reuse", show_default=True, help="comma list of reuse,no_reuse")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"),
+              show_default=True, help="where the result JSON is also saved (with machine, backend, precision, size)")
+def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image, modes, json_out, plot_out, results_dir):
+    """N-round conversations with warm-up and repeats: per-round, per-stage latency, caching vs reuse=False."""
+    from tqdm import tqdm
+
+    from . import bench as B
+    from .tiny import make_tiny_checkpoint
+
+    if checkpoint and export_dir:
+        raise click.UsageError("give --checkpoint or --export, not both")
+    try:
+        if export_dir:
+            path, backend = export_dir, backend or "onnxruntime"
+        else:
+            path, backend = checkpoint, backend or "torch"
+            if path is None:
+                path = Path("segllm-demo") / "tiny-checkpoint"
+                if not (path / "config.json").exists():
+                    with _Step(f"building a tiny checkpoint in {path}"):
+                        make_tiny_checkpoint(path, force=True)
+        model = _load(path, backend, dtype)
+        mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
+        bad = set(mode_list) - {"reuse", "no_reuse"}
+        if bad or not mode_list:
+            raise click.UsageError(f"unknown mode(s) {sorted(bad)}; use reuse,no_reuse")
+        bar = tqdm(total=(warmup + repeats) * len(mode_list), desc="conversations", unit="conv")
+        report = B.run_benchmark(model, image or demo_image(), rounds=rounds, repeats=repeats, warmup=warmup,
+                                 modes=mode_list, progress=lambda i, n, m: (bar.set_postfix(mode=m), bar.update(1)))
+        bar.close()
+    except SegLLMError as exc:
+        _fail(exc)
+    i = model.info
+    precision = getattr(model.backend, "precision", dtype)
+    report.update(machine=B.machine_info(), backend=backend, precision=precision, model_path=str(path),
+                  model_size={"hidden": i.hidden_size, "layers": i.num_layers, "clip_hidden": i.clip_hidden,
+                              "hipie": "R50 (full)"},
+                  title=f"{backend} {precision}, LLM {i.hidden_size}x{i.num_layers}")
+    click.echo(B.format_report(report))
+    saved = B.save_result(report, results_dir, f"{backend}_{precision}_h{i.hidden_size}x{i.num_layers}")
+    click.echo(f"saved {saved}")
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+    if plot_out:
+        try:
+            B.plot_report(report, plot_out)
+        except SegLLMError as exc:
+            _fail(exc)
+        click.echo(f"plot written to {plot_out}")
+
+
 def _main_module() -> None:  # python -m segllm_edge
     sys.exit(main())
 

@@ -52,7 +52,7 @@ class TorchKVCache:
 
     def crop(self, length: int) -> None:
         if length < self.length:
-            self.cache.crop(length)
+            self.cache.crop(length - self.length)  # transformers 5: a negative count of tokens to drop
 
     def nbytes(self) -> int:
         total = 0
