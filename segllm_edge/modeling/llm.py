@@ -55,7 +55,7 @@ class LanguageModel(nn.Module):
         positions = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
         out = self.model(
             inputs_embeds=inputs_embeds,
-            past_key_values=cache,
+            cache=cache,
             position_ids=positions,
             use_cache=cache is not None,
         )
