@@ -25,7 +25,8 @@ import torch
 from ..errors import ContextOverflowError, QuestionError, RoundReferenceError, SessionError
 from ..modeling.hipie.preprocess import hipie_preprocess
 from ..modeling.hipie.selection import select_instance
-from ..modeling.mask_postprocess import box_to_original, masked_crop, postprocess_mask
+from ..kernels import postprocess_mask  # fused Triton kernel for CUDA tensors, PyTorch reference otherwise
+from ..modeling.mask_postprocess import box_to_original, masked_crop
 from ..modeling.preprocess import clip_preprocess, load_image
 from ..modeling.tokenizer import round_text, split_refs
 from .backend import Backend
@@ -264,8 +265,9 @@ class Session:
     def _finish(self, text, refs, new_ids, sel, trace, prefill_tokens, t) -> RoundResult:
         im = self._image
         with t.stage("postprocess"):
-            logits = sel["mask_logits"].float().cpu()
-            pp = postprocess_mask(logits, im.input_hw, self.rgb.shape[:2])
+            logits = sel["mask_logits"].float()
+            pp = {k: v.cpu() for k, v in postprocess_mask(logits, im.input_hw, self.rgb.shape[:2]).items()}
+            logits = logits.cpu()
             box1024 = sel["box_xyxy"].float().cpu()
             box = box_to_original(box1024, im.input_hw, self.rgb.shape[:2])
         with t.stage("crop"):

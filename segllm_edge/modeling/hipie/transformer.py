@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .deform_attn import ms_deform_attn
+from ...kernels import ms_deform_attn  # Triton kernel on CUDA, grid_sample reference elsewhere (and in ONNX export)
 from .fusion import VLFuse
 from .heads import MLP, inverse_sigmoid
 from .position import query_sine_embedding
