@@ -1,5 +1,7 @@
-"""segllm-edge: fast, faithful SegLLM inference (PyTorch reference, ONNX/onnxruntime, TensorRT, Triton)."""
-from .api import SegLLM, load
+"""segllm-edge: fast, faithful SegLLM inference (PyTorch reference, ONNX/onnxruntime, TensorRT, Triton).
+
+Imports are lazy so that light processes (Triton python-backend workers, the client) don't pay for torch.
+"""
 from .errors import (BackendError, CheckpointError, ContextOverflowError, ImageError, QuestionError,
                      RoundReferenceError, SegLLMError, SessionError)
 
@@ -7,3 +9,11 @@ __version__ = "0.1.0"
 
 __all__ = ["load", "SegLLM", "SegLLMError", "CheckpointError", "ImageError", "QuestionError",
            "RoundReferenceError", "ContextOverflowError", "SessionError", "BackendError", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("load", "SegLLM"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'segllm_edge' has no attribute {name!r}")

@@ -1,0 +1,253 @@
+"""A real Triton Inference Server (from the nvidia-pytriton wheel) serving python-backend models.
+
+Nothing here is skipped: if the tritonserver binary or tritonclient is missing, the tests FAIL
+(the project's install step provides both).
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from segllm_edge.serving import pystub
+from segllm_edge.serving.pystub import RequestContext, SequenceError, SequenceStore, write_python_model
+from segllm_edge.serving.tritonserver import (TritonServer, TritonServerError, TritonUnavailableError,
+                                              find_triton, prepare_backends)
+
+IDLE_US = 5_000_000  # deliberate: Triton's default of 1 s would drop a chat while its user types
+# The sequence batcher has max_batch_size x instances slots; with max_batch_size 0 only ONE
+# sequence is live at a time and a second START waits in the backlog until the first ends/idles out.
+MAX_SEQUENCES = 8
+
+ENSEMBLE = """\
+name: "add_then_probe"
+platform: "ensemble"
+max_batch_size: 0
+input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [
+  { name: "Z" data_type: TYPE_FP32 dims: [ -1 ] },
+  { name: "INFO" data_type: TYPE_STRING dims: [ 1 ] }
+]
+ensemble_scheduling {
+  step [
+    {
+      model_name: "add_one"
+      model_version: -1
+      input_map { key: "X" value: "X" }
+      output_map { key: "Y" value: "y_plus_one" }
+    },
+    {
+      model_name: "package_probe"
+      model_version: -1
+      input_map { key: "Y" value: "y_plus_one" }
+      output_map { key: "Z" value: "Z" }
+      output_map { key: "INFO" value: "INFO" }
+    }
+  ]
+}
+"""
+
+
+def make_repository(root):
+    m = "segllm_edge.serving.smoke_models"
+    write_python_model(root, "add_one", f"{m}:AddOne", [("X", "float32", [-1])], [("Y", "float32", [-1])])
+    write_python_model(root, "package_probe", f"{m}:PackageProbe", [("Y", "float32", [-1])],
+                       [("Z", "float32", [-1]), ("INFO", "TYPE_STRING", [1])])
+    write_python_model(root, "counter", f"{m}:SequenceCounter", [("INCREMENT", "int32", [1])],
+                       [("TOTAL", "int64", [1]), ("STEP", "int32", [1])],
+                       max_sequence_idle_microseconds=IDLE_US, max_batch_size=MAX_SEQUENCES)
+    (root / "add_then_probe" / "1").mkdir(parents=True)
+    (root / "add_then_probe" / "config.pbtxt").write_text(ENSEMBLE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repo = make_repository(tmp_path_factory.mktemp("triton_repo"))
+    log = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
+    srv = TritonServer(repo, log_path=log, ready_timeout=60)
+    srv.start()
+    try:
+        ready_s = srv.wait_ready()
+        time.sleep(0.5)  # let RSS settle after loading
+        mem = srv.memory()
+        print(f"\ntritonserver ready after {ready_s:.2f} s; idle RSS server {mem['server'] / 2**20:.0f} MiB, "
+              f"{mem['stub_count']} stubs {mem['stubs'] / 2**20:.0f} MiB")
+        yield srv
+    finally:
+        srv.stop()
+    assert not srv.is_alive()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import tritonclient.grpc as grpcclient
+
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    yield c
+    c.close()
+
+
+def _infer(client, model, arrays, **kw):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, a in arrays.items():
+        t = grpcclient.InferInput(name, list(a.shape), np_to_triton_dtype(a.dtype))
+        t.set_data_from_numpy(a)
+        inputs.append(t)
+    return client.infer(model, inputs, **kw)
+
+
+def test_server_ready_and_models_loaded(server, client):
+    assert server.is_alive()
+    assert client.is_server_ready()
+    for m in ("add_one", "package_probe", "counter", "add_then_probe"):
+        assert client.is_model_ready(m), m
+
+
+def test_add_one(client):
+    x = np.array([0.5, 1.5, -3.0], dtype=np.float32)
+    r = _infer(client, "add_one", {"X": x})
+    np.testing.assert_array_equal(r.as_numpy("Y"), x + 1)
+
+
+def test_ensemble_runs_package_inside_stub(client):
+    x = np.arange(5, dtype=np.float32)
+    r = _infer(client, "add_then_probe", {"X": x})
+    np.testing.assert_allclose(r.as_numpy("Z"), (x + 1) * 2)
+    info = r.as_numpy("INFO")[0].decode()
+    assert info.startswith("segllm_edge ") and "onnxruntime" in info
+    assert "numpy 1." in info, info   # numpy 2 breaks the stub's tensor transfer
+    # the stub is pinned to this interpreter: same CPython build, same (virtual) environment
+    assert f"python {sys.version.split()[0]} prefix {sys.prefix};" in info, info
+
+
+def test_sequence_state_per_correlation_id(client):
+    def step(cid, inc, start=False, end=False):
+        r = _infer(client, "counter", {"INCREMENT": np.array([[inc]], dtype=np.int32)},
+                   sequence_id=cid, sequence_start=start, sequence_end=end)
+        return int(r.as_numpy("TOTAL").item()), int(r.as_numpy("STEP").item())
+
+    t0 = time.monotonic()
+    assert step(101, 5, start=True) == (5, 1)
+    assert step(202, 100, start=True) == (100, 1)        # a second, interleaved conversation
+    assert step(101, 2) == (7, 2)
+    assert step(202, 1) == (101, 2)
+    assert step(101, 3, end=True) == (10, 3)
+    assert step(101, 1, start=True) == (1, 1)            # the id can start over after END
+    assert step(101, 0, end=True) == (1, 2)
+    assert step(202, 0, end=True) == (101, 3)
+    assert time.monotonic() - t0 < IDLE_US / 1e6 / 2   # no request waited for a free sequence slot
+
+
+def test_unknown_correlation_id_without_start_is_an_error(client):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="(?i)start"):
+        _infer(client, "counter", {"INCREMENT": np.array([[1]], dtype=np.int32)}, sequence_id=987654)
+    # ... and after END, the same id is unknown again
+    _infer(client, "counter", {"INCREMENT": np.array([[1]], dtype=np.int32)}, sequence_id=555,
+           sequence_start=True, sequence_end=True)
+    with pytest.raises(InferenceServerException, match="(?i)start"):
+        _infer(client, "counter", {"INCREMENT": np.array([[1]], dtype=np.int32)}, sequence_id=555)
+
+
+def test_sequence_idle_timeout_is_the_configured_one(client):
+    def step(cid, start=False):
+        r = _infer(client, "counter", {"INCREMENT": np.array([[1]], dtype=np.int32)}, sequence_id=cid,
+                   sequence_start=start)
+        return int(r.as_numpy("STEP").item())
+
+    from tritonclient.utils import InferenceServerException
+
+    assert step(777, start=True) == 1
+    time.sleep(1.5)                       # longer than Triton's 1 s default: still alive
+    assert step(777) == 2
+    time.sleep(IDLE_US / 1e6 + 1.0)       # past the configured idle time: dropped
+    with pytest.raises(InferenceServerException, match="(?i)start"):
+        step(777)
+
+
+def test_broken_model_fails_start_with_log_tail(tmp_path):
+    repo = tmp_path / "repo"
+    write_python_model(repo, "broken", "segllm_edge.serving.no_such_module:Model",
+                       [("X", "float32", [-1])], [("Y", "float32", [-1])])
+    srv = TritonServer(repo, log_path=tmp_path / "log.txt")
+    srv.start()
+    with pytest.raises(TritonServerError, match="no_such_module"):
+        srv.wait_ready(timeout=30)
+    srv.stop()
+    assert not srv.is_alive()
+
+
+def test_stop_terminates_server_and_stubs(tmp_path):
+    repo = tmp_path / "repo"
+    write_python_model(repo, "add_one", "segllm_edge.serving.smoke_models:AddOne",
+                       [("X", "float32", [-1])], [("Y", "float32", [-1])])
+    srv = TritonServer(repo, log_path=tmp_path / "log.txt")
+    with srv:
+        pid = srv.pid
+        assert srv.is_alive() and srv.memory()["stub_count"] == 1
+    assert not srv.is_alive()
+    import os
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+# -- no server needed ----------------------------------------------------------------------
+def test_binary_found_and_stub_prepared(tmp_path):
+    install = find_triton()
+    assert install.binary.is_file()
+    setup = prepare_backends(install, cache_dir=tmp_path)
+    stub = setup.backend_dir / "python" / "triton_python_backend_stub"
+    assert stub.is_file() and (setup.backend_dir / "python" / "libtriton_python.so").is_file()
+    assert prepare_backends(install, cache_dir=tmp_path) == setup          # cached
+
+
+def test_missing_binary_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGLLM_TRITON_HOME", str(tmp_path))
+    with pytest.raises(TritonUnavailableError, match="pip install nvidia-pytriton"):
+        find_triton()
+
+
+def test_generated_model_config(tmp_path):
+    folder = write_python_model(tmp_path, "m", "pkg.mod:Cls", [("A", "float32", [-1, 3])], [("B", "int64", [1])],
+                                max_sequence_idle_microseconds=IDLE_US, sys_path=["/x/site-packages"])
+    cfg = (folder / "config.pbtxt").read_text()
+    assert f"max_sequence_idle_microseconds: {IDLE_US}" in cfg
+    assert 'key: "segllm_sys_path" value: { string_value: "/x/site-packages" }' in cfg
+    assert 'key: "segllm_entrypoint" value: { string_value: "pkg.mod:Cls" }' in cfg
+    assert (folder / "1" / "model.py").read_text() == pystub.MODEL_PY
+    compile(pystub.MODEL_PY, "model.py", "exec")
+
+
+def test_sequence_store_logic_without_triton():
+    now = [0.0]
+    store = SequenceStore(dict, idle_timeout_s=5.0, clock=lambda: now[0])
+    with pytest.raises(SequenceError):
+        store.enter(RequestContext(correlation_id=1))
+    s = store.enter(RequestContext(correlation_id=1, sequence_start=True))
+    s["n"] = 1
+    assert store.enter(RequestContext(correlation_id=1)) == {"n": 1}
+    now[0] = 10.0                                                   # idled out
+    with pytest.raises(SequenceError):
+        store.enter(RequestContext(correlation_id=1))
+    store.enter(RequestContext(correlation_id=2, sequence_start=True))
+    store.leave(RequestContext(correlation_id=2, sequence_end=True))
+    assert 2 not in store
+
+
+def test_models_run_without_triton():
+    from segllm_edge.serving.smoke_models import AddOne, SequenceCounter
+
+    m = AddOne()
+    m.setup({"name": "add_one", "output": [{"name": "Y", "data_type": "TYPE_FP32"}]})
+    np.testing.assert_array_equal(m.infer({"X": np.zeros(2, np.float32)}, RequestContext())["Y"], [1, 1])
+    c = SequenceCounter()
+    c.setup({"sequence_batching": {"max_sequence_idle_microseconds": str(IDLE_US)}})
+    out = c.infer({"INCREMENT": np.array([3])}, RequestContext(correlation_id=7, sequence_start=True))
+    assert int(out["TOTAL"][0]) == 3
