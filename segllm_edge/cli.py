@@ -233,6 +233,15 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
         click.echo(f"plot written to {plot_out}")
 
 
+def _register() -> None:
+    from .export.cli import export_command
+
+    main.add_command(export_command)
+
+
+_register()
+
+
 def _main_module() -> None:  # python -m segllm_edge
     sys.exit(main())
 

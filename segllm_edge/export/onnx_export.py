@@ -1,0 +1,109 @@
+"""Export a SegLLM checkpoint folder to the ONNX graphs of the manifest (torch.onnx, dynamo path)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from .graphs import GRAPH_MODULES, dynamic_shapes, example_inputs
+from .manifest import Manifest, build_manifest
+
+OPSET = 18
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")
+EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in a .onnx.data file
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise CheckpointError(f"export folder {out} is not empty; pass --force to overwrite it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False) -> dict:
+    """Export one graph with torch.onnx (dynamo) and check it with onnx.checker; returns notes."""
+    import onnx
+
+    module = GRAPH_MODULES[name](model).eval()
+    args = example_inputs(name, info)
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    sink = io.StringIO()
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
+    with quiet, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        logging.getLogger("onnxscript").setLevel(logging.ERROR)
+        prog = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET,
+                                 dynamic_shapes=dynamic_shapes(name, spec, args),
+                                 input_names=[t.name for t in spec.inputs],
+                                 output_names=[t.name for t in spec.outputs], verbose=False)
+        prog.save(str(path), external_data=n_bytes > EXTERNAL_DATA_BYTES)
+    onnx.checker.check_model(str(path))
+    return {"exporter": f"torch.onnx dynamo (torch {torch.__version__})", "opset": OPSET,
+            "external_data": n_bytes > EXTERNAL_DATA_BYTES, "weights_bytes": int(n_bytes)}
+
+
+def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool = False, progress: bool = True,
+                 drift_report: bool = True) -> Manifest:
+    """Write every graph, the manifest, the tokenizer and the token embedding table into ``out_dir``."""
+    from ..modeling.loader import load_checkpoint
+    from .quantize import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise CheckpointError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    ckpt, out = Path(checkpoint_dir), Path(out_dir)
+    if out.resolve() == ckpt.resolve():
+        raise CheckpointError("the export folder must differ from the checkpoint folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"export folder {out} is not empty; pass --force to overwrite it")
+    loaded = load_checkpoint(ckpt)  # CheckpointError with its own message if it doesn't load
+    _check_out_dir(out, force)
+    model, info = loaded.model, loaded.info
+    manifest = build_manifest(info, precision="fp32")
+    from tqdm import tqdm
+
+    notes = {}
+    for name, spec in tqdm(manifest.graphs.items(), desc="exporting graphs", unit="graph", disable=not progress):
+        notes[name] = export_graph(model, info, name, spec, out / spec.file)
+    np.save(out / manifest.arrays["embed_tokens"], model.llm.model.embed_tokens.weight.detach().float().numpy())
+    tok = out / manifest.tokenizer_dir
+    tok.mkdir(exist_ok=True)
+    for f in TOKENIZER_FILES:
+        if (ckpt / f).exists():
+            shutil.copyfile(ckpt / f, tok / f)
+    shutil.copyfile(ckpt / "config.json", out / "config.json")
+    manifest.extra["graphs"] = notes
+    manifest.extra["source_checkpoint"] = str(ckpt.resolve())
+    manifest.save(out)
+    if precision != "fp32":
+        from .quantize import quantize_export
+
+        manifest = quantize_export(out, precision, drift_report=drift_report, progress=progress)
+    return manifest
+
+
+def graph_sizes(folder: Path, manifest: Manifest) -> dict[str, int]:
+    sizes = {}
+    for name, g in manifest.graphs.items():
+        p = Path(folder) / g.file
+        total = p.stat().st_size
+        data = p.with_name(p.name + ".data")
+        if data.exists():
+            total += data.stat().st_size
+        sizes[name] = total
+    return sizes
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1))

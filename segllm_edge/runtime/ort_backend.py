@@ -1,0 +1,146 @@
+"""The onnxruntime backend: runs an export folder's graphs, same Backend protocol as the torch backend."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BackendError, CheckpointError
+from ..export.manifest import Manifest, kv_names
+from ..modeling.segllm import ModelInfo
+from ..modeling.tokenizer import SegLLMTokenizer
+
+
+class OrtKVCache:
+    """Per-layer key/value arrays as the llm graph returned them (kept by reference, no copy per round)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype=np.float32):
+        empty = np.zeros((1, kv_heads, 0, head_dim), dtype=dtype)
+        self.arrays: list[np.ndarray] = [empty] * (2 * layers)
+
+    @property
+    def length(self) -> int:
+        return int(self.arrays[0].shape[2])
+
+    def crop(self, length: int) -> None:
+        if length < self.length:
+            self.arrays = [np.ascontiguousarray(a[:, :, :length]) for a in self.arrays]
+
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays))
+
+
+def _providers(device: str) -> list:
+    import onnxruntime as ort
+
+    avail = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in avail:
+            raise BackendError("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu "
+                               "(pip install 'segllm-edge[gpu]') on a machine with an NVIDIA GPU")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, folder: Path, manifest: Manifest, tokenizer: SegLLMTokenizer, sessions: dict, embed: np.ndarray):
+        self.folder = folder
+        self.manifest = manifest
+        self.precision = manifest.precision
+        self.info = ModelInfo(**manifest.model)
+        self.tokenizer = tokenizer
+        self.sessions = sessions
+        self.embed = embed
+        self._past, self._present = kv_names(self.info.num_layers)
+        self._dtypes = {name: {t.name: np.dtype(t.dtype) for t in g.inputs} for name, g in manifest.graphs.items()}
+
+    @classmethod
+    def from_export(cls, path, device: str = "cpu", threads: int | None = None, **_ignored) -> "OrtBackend":
+        import onnxruntime as ort
+
+        folder = Path(path)
+        manifest = Manifest.load(folder)
+        manifest.check_files(folder)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.log_severity_level = 3
+        providers = _providers(device)
+        sessions = {}
+        for name, g in manifest.graphs.items():
+            try:
+                sessions[name] = ort.InferenceSession(str(folder / g.file), sess_options=opts, providers=providers)
+            except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
+                raise CheckpointError(f"cannot load graph {name} from {folder / g.file}: {exc}") from None
+            got = [i.name for i in sessions[name].get_inputs()]
+            want = [t.name for t in g.inputs]
+            if got != want:
+                raise CheckpointError(f"graph {g.file} has inputs {got}, the manifest says {want}: re-export")
+        try:
+            embed = np.load(folder / manifest.arrays["embed_tokens"], mmap_mode="r")
+        except (ValueError, OSError) as exc:
+            raise CheckpointError(f"cannot read {manifest.arrays['embed_tokens']} in {folder}: {exc}") from None
+        tokenizer = SegLLMTokenizer.from_folder(folder / manifest.tokenizer_dir)
+        return cls(folder, manifest, tokenizer, sessions, embed)
+
+    # ------------------------------------------------------------------ helpers
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        dt = self._dtypes[graph]
+        feeds = {k: np.ascontiguousarray(v, dtype=dt[k]) for k, v in feeds.items()}
+        return self.sessions[graph].run(None, feeds)
+
+    @staticmethod
+    def _np(t: torch.Tensor) -> np.ndarray:
+        return t.detach().cpu().float().numpy()
+
+    # ----------------------------------------------------------------- protocol
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.embed[ids.cpu().numpy()], dtype=np.float32))
+
+    def encode_image(self, pixels):
+        return torch.from_numpy(self._run("vision_encoder", {"pixel_values": self._np(pixels)})[0]).float()
+
+    def encode_masks(self, crops, boxes):
+        out = self._run("mask_encoder", {"crops": self._np(crops), "boxes": self._np(boxes)})[0]
+        return torch.from_numpy(out).float()
+
+    def new_cache(self) -> OrtKVCache:
+        dt = self._dtypes["llm"][self._past[0]]
+        return OrtKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dtype=dt)
+
+    def llm(self, embeds, cache: OrtKVCache | None):
+        if cache is None:
+            cache = self.new_cache()
+            keep = False
+        else:
+            keep = True
+        feeds = {"inputs_embeds": self._np(embeds)}
+        feeds.update(zip(self._past, cache.arrays))
+        out = self._run("llm", feeds)
+        if keep:
+            cache.arrays = out[1:]
+        return torch.from_numpy(out[0]).float()
+
+    def seg_head(self, hidden):
+        return torch.from_numpy(self._run("seg_head", {"hidden": self._np(hidden)})[0])
+
+    def mask_backbone(self, image):
+        return [torch.from_numpy(a) for a in self._run("mask_backbone", {"image": self._np(image)})]
+
+    def mask_decode(self, features, cond):
+        feeds = {f"features.{i}": f.numpy() for i, f in enumerate(features)}
+        feeds["conditioning"] = self._np(cond)
+        names = [t.name for t in self.manifest.graphs["mask_decoder"].outputs]
+        return {n: torch.from_numpy(a) for n, a in zip(names, self._run("mask_decoder", feeds))}
+
+    def memory_bytes(self):
+        return None
+
+    def describe(self) -> str:
+        return json.dumps({"folder": str(self.folder), "precision": self.precision,
+                           "providers": {k: s.get_providers()[0] for k, s in self.sessions.items()}})
