@@ -19,6 +19,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 FP16_GRAPHS = ("vision_encoder", "mask_encoder", "llm", "seg_head")
 FP16_KEEP_FP32_OPS = ["LayerNormalization", "SimplifiedLayerNormalization", "ReduceMean", "Pow", "Sqrt",
                       "Reciprocal", "Softmax", "Cos", "Sin"]
+GUARD_MIN_IOU = 0.9  # a round whose mask IoU vs fp32 falls below this fails the accuracy guard
 DRIFT_QUESTIONS = ("Segment the red circle.", "Segment the blue square next to it.[REF:1]",
                    "Segment the object above instance 2.[REF:2]")
 
@@ -130,6 +131,8 @@ def quantize_export(export_dir, precision: str, drift_report: bool = True, progr
                            "hidden_mean_rel_err": float(err.mean() / max(np.abs(ha).mean(), 1e-12)),
                            "same_query": a.query_index == b.query_index})
         report["rounds"] = rounds
+        worst = min(r["mask_iou_vs_fp32"] for r in rounds)
+        report["guard"] = {"min_mask_iou": GUARD_MIN_IOU, "worst_mask_iou": worst, "passed": worst >= GUARD_MIN_IOU}
     (folder / "drift_report.json").write_text(json.dumps(report, indent=1))
     return manifest
 
@@ -139,6 +142,10 @@ def format_drift(report: dict) -> str:
     for r in report.get("rounds", []):
         lines.append(f"  round {r['round']}: mask IoU vs fp32 {r['mask_iou_vs_fp32']:.4f}, hidden max rel err "
                      f"{r['hidden_max_rel_err']:.2e}, mean {r['hidden_mean_rel_err']:.2e}, same query {r['same_query']}")
+    guard = report.get("guard")
+    if guard:
+        verdict = "passed" if guard["passed"] else "FAILED: do not deploy this precision without checking accuracy"
+        lines.append(f"  accuracy guard (mask IoU >= {guard['min_mask_iou']}): {verdict} (worst {guard['worst_mask_iou']:.3f})")
     fp32, q = report["size_bytes"]["fp32"], report["size_bytes"][report["precision"]]
     for g in fp32:
         lines.append(f"  {g}: {fp32[g] / 1e6:.1f} MB → {q[g] / 1e6:.1f} MB")
