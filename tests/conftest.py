@@ -1,7 +1,15 @@
 """Shared fixtures. The golden checkpoint is rebuilt from its key list once per test run."""
 from __future__ import annotations
 
-import json
+import os
+
+# The kernel tests run the Triton kernels on the CPU interpreter. triton reads this when it is first
+# imported, and other test modules (the ONNX exporter pulls in triton via torch) may import it first,
+# so set it before anything is collected. CPU tensors still take the PyTorch references everywhere
+# else (segllm_edge.kernels dispatches to Triton only for CUDA tensors).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import json  # noqa: E402
 from pathlib import Path
 
 import numpy as np
