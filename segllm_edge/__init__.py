@@ -7,7 +7,7 @@ from .errors import (BackendError, CheckpointError, ContextOverflowError, ImageE
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "SegLLM", "SegLLMError", "CheckpointError", "ImageError", "QuestionError",
+__all__ = ["load", "connect", "SegLLM", "SegLLMError", "CheckpointError", "ImageError", "QuestionError",
            "RoundReferenceError", "ContextOverflowError", "SessionError", "BackendError", "__version__"]
 
 
@@ -16,4 +16,8 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
+    if name == "connect":
+        from .client import connect
+
+        return connect
     raise AttributeError(f"module 'segllm_edge' has no attribute {name!r}")

@@ -235,8 +235,10 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
 
 def _register() -> None:
     from .export.cli import export_command
+    from .serving.cli import serve_command, triton_repo_command
 
-    main.add_command(export_command)
+    for cmd in (export_command, triton_repo_command, serve_command):
+        main.add_command(cmd)
 
 
 _register()

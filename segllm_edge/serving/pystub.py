@@ -172,10 +172,14 @@ class TensorSpec:
     name: str
     dtype: Any
     dims: Sequence[int]
+    optional: bool = False              # inputs only: the request may leave it out
+    allow_ragged_batch: bool = False    # inputs only: requests batched together may differ in shape
 
     def pbtxt(self) -> str:
         dims = ", ".join(str(int(d)) for d in self.dims)
-        return f'{{ name: "{self.name}" data_type: {triton_dtype(self.dtype)} dims: [ {dims} ] }}'
+        extra = (" optional: true" if self.optional else "") + (
+            " allow_ragged_batch: true" if self.allow_ragged_batch else "")
+        return f'{{ name: "{self.name}" data_type: {triton_dtype(self.dtype)} dims: [ {dims} ]{extra} }}'
 
 
 def _specs(items: Iterable[TensorSpec | tuple]) -> list[TensorSpec]:
@@ -360,8 +364,12 @@ class PythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             except Exception as e:  # one bad request must not fail the batch or kill the stub
                 responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"{type(e).__name__}: {e}")))
+                    output_tensors=[], error=pb_utils.TritonError(self.error_message(e))))
         return responses
+
+    def error_message(self, exc: BaseException) -> str:
+        """The text of the Triton error a failed request gets (override to change the format)."""
+        return f"{type(exc).__name__}: {exc}"
 
     def _as_output(self, name: str, value):
         import numpy as np

@@ -1,0 +1,390 @@
+"""The ``segllm`` BLS model: the multi-round loop inside Triton, one Session per conversation.
+
+Layers, each testable without Triton:
+
+* :class:`TritonBlsBackend` implements the runtime's Backend protocol by *calling models*:
+  ``call(model_name, inputs: dict[str, np.ndarray], output_names) -> dict[str, np.ndarray]``.
+  Inside Triton ``call`` is :func:`pb_utils_caller` (``pb_utils.InferenceRequest(...).exec()``);
+  in unit tests it is :class:`InProcessCaller`, which runs the same model classes in-process.
+  Token embeddings are a table lookup done in the BLS process (the manifest's ``embed_tokens``
+  array, memory-mapped); the KV cache is an :class:`~segllm_edge.runtime.ort_backend.OrtKVCache`
+  held in the BLS process and sent with every ``llm`` call (the llm model stays stateless, so
+  every conversation shares its instances).
+* :class:`BlsSession` is :class:`~segllm_edge.runtime.session.Session` with the image step
+  replaced by one call to the ``encode_image`` ensemble (preprocess → vision_encoder +
+  mask_backbone) on the encoded image bytes.
+* :class:`ConversationService` holds the conversations: keyed by correlation id, expired after
+  the sequence batcher's idle time, capped at ``max_conversations``; ``handle(inputs, ctx)``
+  turns one request into one round (or a close).
+* :class:`SegLLMBlsModel` is the python-backend entry point (``segllm_entrypoint``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import BackendError, ImageError, SessionError
+from ..runtime.session import Session, _Image
+from .models import decode_image_bytes, resolve_model_path
+from .pystub import PythonModel, RequestContext, SequenceStore
+from .wire import ERROR_CLASSES, bracketed, encode_mask_png, parse_bracketed
+
+PARAM_EXPORT_DIR = "segllm_export_dir"
+PARAM_MAX_CONVERSATIONS = "segllm_max_conversations"
+PARAM_IDLE_TIMEOUT = "segllm_idle_timeout_s"
+
+#: the ensemble the BLS calls for the image step (the other models are named after the manifest's graphs)
+ENCODE_IMAGE = "encode_image"
+#: what the ensemble returns besides the vision_encoder's and mask_backbone's outputs (from preprocess)
+PREPROCESS_PASSTHROUGH = ("resized_padded", "input_hw")
+
+Caller = Callable[[str, Mapping[str, np.ndarray], Sequence[str]], dict]
+
+# --------------------------------------------------------------------------------------------
+# the Backend over model calls
+# --------------------------------------------------------------------------------------------
+class TritonBlsBackend:
+    """Backend protocol on top of per-graph models reached through ``call``.
+
+    Tensor names come from the export's manifest (never listed here); only the model names
+    (= manifest graph names) and the ``encode_image`` ensemble's outputs are fixed.
+    """
+
+    name = "triton-bls"
+
+    def __init__(self, export_dir: str | Path, call: Caller):
+        from ..export.manifest import Manifest, kv_names
+        from ..modeling.segllm import ModelInfo
+        from ..modeling.tokenizer import SegLLMTokenizer
+
+        self.folder = Path(export_dir)
+        self.manifest = Manifest.load(self.folder)
+        self.info = ModelInfo(**self.manifest.model)
+        self.tokenizer = SegLLMTokenizer.from_folder(self.folder / self.manifest.tokenizer_dir)
+        self.embed = np.load(self.folder / self.manifest.arrays["embed_tokens"], mmap_mode="r")
+        self.call = call
+        self._past, self._present = kv_names(self.info.num_layers)
+        g = self.manifest.graphs
+        self._io = {n: ([t.name for t in s.inputs], [t.name for t in s.outputs], {t.name: np.dtype(t.dtype) for t in s.inputs})
+                    for n, s in g.items()}
+        self.vision_outputs = self._io["vision_encoder"][1]
+        self.backbone_outputs = self._io["mask_backbone"][1]
+        self.encode_image_outputs = [*self.vision_outputs, *self.backbone_outputs, *PREPROCESS_PASSTHROUGH]
+        self.call_ms: dict[str, float] = {}    # time spent waiting on model calls (BLS overhead = rest)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        ins, outs, dts = self._io[graph]
+        feeds = {k: np.ascontiguousarray(v, dtype=dts[k]) for k, v in feeds.items()}
+        t0 = time.perf_counter()
+        got = self.call(graph, feeds, outs)
+        self.call_ms[graph] = self.call_ms.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
+        return [got[o] for o in outs]
+
+    @staticmethod
+    def _np(t) -> np.ndarray:
+        return t.detach().cpu().float().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float32)
+
+    # -- the stateless image step as one ensemble call -----------------------------------------
+    def encode_image_payload(self, payload: bytes) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        got = self.call(ENCODE_IMAGE, {"image": np.array([payload], dtype=np.object_)},
+                        self.encode_image_outputs)
+        self.call_ms[ENCODE_IMAGE] = self.call_ms.get(ENCODE_IMAGE, 0.0) + (time.perf_counter() - t0) * 1e3
+        return got
+
+    # -- Backend protocol ----------------------------------------------------------------------
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.embed[ids.cpu().numpy()], dtype=np.float32))
+
+    def encode_image(self, pixels):
+        (name,) = self._io["vision_encoder"][0]
+        return torch.from_numpy(self._run("vision_encoder", {name: self._np(pixels)})[0]).float()
+
+    def encode_masks(self, crops, boxes):
+        c, b = self._io["mask_encoder"][0]
+        return torch.from_numpy(self._run("mask_encoder", {c: self._np(crops), b: self._np(boxes)})[0]).float()
+
+    def new_cache(self):
+        from ..runtime.ort_backend import OrtKVCache
+
+        dt = self._io["llm"][2][self._past[0]]
+        return OrtKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dtype=dt)
+
+    def llm(self, embeds, cache):
+        keep = cache is not None
+        if cache is None:
+            cache = self.new_cache()
+        emb_name = self._io["llm"][0][0]
+        feeds = {emb_name: self._np(embeds)}
+        feeds.update(zip(self._past, cache.arrays))
+        out = self._run("llm", feeds)
+        if keep:
+            cache.arrays = [np.ascontiguousarray(a) for a in out[1:]]
+        return torch.from_numpy(out[0]).float()
+
+    def seg_head(self, hidden):
+        (name,) = self._io["seg_head"][0]
+        return torch.from_numpy(self._run("seg_head", {name: self._np(hidden)})[0])
+
+    def mask_backbone(self, image):
+        (name,) = self._io["mask_backbone"][0]
+        return [torch.from_numpy(a) for a in self._run("mask_backbone", {name: self._np(image)})]
+
+    def mask_decode(self, features, cond):
+        ins, outs, _ = self._io["mask_decoder"]
+        feat_names = [n for n in ins if n.startswith("features.")]
+        cond_name = next(n for n in ins if not n.startswith("features."))
+        feeds = {n: self._np(f) for n, f in zip(feat_names, features)}
+        feeds[cond_name] = self._np(cond)
+        return {n: torch.from_numpy(a) for n, a in zip(outs, self._run("mask_decoder", feeds))}
+
+    def memory_bytes(self):
+        return None
+
+
+class BlsSession(Session):
+    """A Session whose first round encodes the image with one ``encode_image`` ensemble call."""
+
+    def __init__(self, backend: TritonBlsBackend, payload: bytes, **kw):
+        rgb = decode_image_bytes(payload)          # ImageError before any state exists
+        super().__init__(backend, rgb, **kw)
+        self.payload = bytes(payload)
+
+    def _prepare_image(self, t) -> _Image:
+        if not hasattr(self.backend, "encode_image_payload"):
+            return super()._prepare_image(t)
+        with t.stage("encode_image"):
+            got = self.backend.encode_image_payload(self.payload)
+        im = _Image(self.rgb, torch.zeros(0), torch.zeros(0), np.asarray(got["resized_padded"], dtype=np.uint8),
+                    tuple(int(v) for v in np.asarray(got["input_hw"]).reshape(-1)[:2]))
+        b = self.backend
+        im.image_tokens = torch.from_numpy(np.asarray(got[b.vision_outputs[0]], dtype=np.float32))
+        im.features = [torch.from_numpy(np.asarray(got[n])) for n in b.backbone_outputs]
+        return im
+
+    def _encode_image(self, im: _Image, t) -> None:
+        if im.image_tokens is None or im.features is None:
+            super()._encode_image(im, t)
+
+
+# --------------------------------------------------------------------------------------------
+# conversations
+# --------------------------------------------------------------------------------------------
+class ConversationStore(SequenceStore):
+    """:class:`SequenceStore` with a cap on live conversations and a SessionError for unknown ids."""
+
+    def __init__(self, factory, idle_timeout_s: float | None, max_live: int, clock=time.monotonic):
+        super().__init__(factory, idle_timeout_s, clock)
+        self.max_live = max_live
+
+    def open(self, ctx: RequestContext, make):
+        """Create the state for a START request with ``make()``; cap and replace-on-restart handled."""
+        self.expire()
+        cid = ctx.correlation_id
+        if cid is None:
+            raise SessionError("request has no correlation id (send it as a sequence: START/END/CORRID)")
+        self._states.pop(cid, None)   # a START on a live id starts over
+        if len(self._states) >= self.max_live:
+            raise SessionError(f"the server already holds {len(self._states)} live conversations "
+                               f"(max_conversations={self.max_live}); close one (END) or retry later")
+        state = make()
+        self._states[cid] = (self.clock(), state)
+        return state
+
+    def get(self, ctx: RequestContext):
+        self.expire()
+        cid = ctx.correlation_id
+        if cid not in self._states:
+            idle = f" after {self.idle_timeout_s:g} s" if self.idle_timeout_s else ""
+            raise SessionError(f"unknown conversation (correlation id {cid!r}): it was never started, it "
+                               f"ended, it idled out{idle}, or the server restarted "
+                               "-- the server lost this conversation; start a new session")
+        self._states[cid] = (self.clock(), self._states[cid][1])
+        return self._states[cid][1]
+
+    def touch(self, cid) -> None:
+        """Restart the idle clock (at the end of a round: a round can take longer than the idle time)."""
+        if cid in self._states:
+            self._states[cid] = (self.clock(), self._states[cid][1])
+
+    def drop(self, cid) -> None:
+        st = self._states.pop(cid, None)
+        if st is not None and hasattr(st[1], "close"):
+            st[1].close()
+
+
+def _scalar_bytes(a) -> bytes | None:
+    if a is None:
+        return None
+    a = np.asarray(a, dtype=object).reshape(-1)
+    if a.size == 0:
+        return None
+    v = a[0]
+    return v.encode() if isinstance(v, str) else bytes(v)
+
+
+class ConversationService:
+    """Turns sequence requests into rounds of :class:`BlsSession` conversations.
+
+    Inputs (leading batch dim of 1 or none): ``image`` (bytes, START only), ``question`` (bytes),
+    ``refs`` (int32 [k], optional).  A request with END and an empty question only closes.
+    """
+
+    def __init__(self, backend_factory: Callable[[], TritonBlsBackend], max_conversations: int = 8,
+                 idle_timeout_s: float | None = 600.0, clock=time.monotonic):
+        self._backend_factory = backend_factory
+        self._backend: TritonBlsBackend | None = None
+        self.store = ConversationStore(None, idle_timeout_s, max_conversations, clock)
+
+    @property
+    def backend(self) -> TritonBlsBackend:
+        if self._backend is None:
+            self._backend = self._backend_factory()
+        return self._backend
+
+    def handle(self, inputs: dict, ctx: RequestContext) -> dict:
+        t_start = time.perf_counter()
+        backend = self.backend
+        backend.call_ms = {}
+        question_b = _scalar_bytes(inputs.get("question"))
+        question = question_b.decode("utf-8", "replace") if question_b is not None else ""
+        refs_a = inputs.get("refs")
+        refs = [int(r) for r in np.asarray(refs_a).reshape(-1)] if refs_a is not None else None
+        image = _scalar_bytes(inputs.get("image"))
+        if ctx.sequence_end and not ctx.sequence_start and not question.strip():
+            self.store.drop(ctx.correlation_id)          # close(): nothing to run, never an error
+            return self._closed_response()
+        try:
+            if ctx.sequence_start:
+                if image is None:
+                    raise ImageError("the first request of a conversation (START) must carry the image")
+                session = self.store.open(ctx, lambda: BlsSession(backend, image))
+            else:
+                if image is not None:
+                    raise SessionError("an image can only be sent with the first round (START); "
+                                       "open a new session for a new image")
+                session = self.store.get(ctx)
+            result = session.ask(question, refs)
+        finally:
+            if ctx.sequence_end:
+                self.store.drop(ctx.correlation_id)
+            else:
+                self.store.touch(ctx.correlation_id)
+        total = (time.perf_counter() - t_start) * 1e3
+        timings = dict(result.timings)
+        timings["bls_model_calls"] = sum(backend.call_ms.values())
+        timings["bls_total"] = total
+        timings["bls_overhead"] = max(0.0, total - timings["bls_model_calls"])
+        timings["calls"] = dict(backend.call_ms)
+        return {
+            "mask": np.array([[encode_mask_png(result.mask)]], dtype=np.object_),
+            "box": np.asarray(result.box, dtype=np.float32).reshape(1, 4),
+            "model_box": np.asarray(result.model_box, dtype=np.float32).reshape(1, 4),
+            "score": np.array([[result.score]], dtype=np.float32),
+            "round": np.array([[result.round]], dtype=np.int32),
+            "timings": np.array([[json.dumps(timings).encode()]], dtype=np.object_),
+        }
+
+    @staticmethod
+    def _closed_response() -> dict:
+        return {"mask": np.array([[b""]], dtype=np.object_), "box": np.zeros((1, 4), np.float32),
+                "model_box": np.zeros((1, 4), np.float32), "score": np.zeros((1, 1), np.float32),
+                "round": np.zeros((1, 1), np.int32), "timings": np.array([[b"{}"]], dtype=np.object_)}
+
+
+# --------------------------------------------------------------------------------------------
+# callers
+# --------------------------------------------------------------------------------------------
+def pb_utils_caller(model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict:
+    """Call another model of the same server (BLS)."""
+    import triton_python_backend_utils as pb_utils
+
+    req = pb_utils.InferenceRequest(model_name=model,
+                                    inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
+                                    requested_output_names=list(outputs))
+    resp = req.exec()
+    if resp.has_error():
+        msg = resp.error().message()
+        parsed = parse_bracketed(msg)
+        if parsed is not None:
+            raise ERROR_CLASSES.get(parsed[0], BackendError)(parsed[1])
+        if "ImageError" in msg:
+            raise ImageError(msg.split("ImageError: ", 1)[-1])
+        raise BackendError(f"model {model!r} failed: {msg}")
+    return {o: pb_utils.get_output_tensor_by_name(resp, o).as_numpy() for o in outputs}
+
+
+class InProcessCaller:
+    """Runs the repository's model classes in this process (tests, debugging): the same code paths
+    as Triton minus the transport.  ``encode_image`` is the ensemble's DAG done by hand."""
+
+    def __init__(self, export_dir: str | Path, threads: int | None = None):
+        from ..export.manifest import Manifest
+        from .models import OrtGraphModel, PreprocessModel
+        from .repository import graph_model_config_dict
+
+        folder = Path(export_dir)
+        manifest = Manifest.load(folder)
+        self.models: dict[str, PythonModel] = {}
+        for name, g in manifest.graphs.items():
+            m = OrtGraphModel()
+            m.setup(graph_model_config_dict(g, folder / g.file, threads))
+            self.models[name] = m
+        pre = PreprocessModel()
+        pre.setup({"name": "preprocess", "parameters": {
+            "segllm_clip_image_size": {"string_value": str(manifest.model["clip_image_size"])}}})
+        self.models["preprocess"] = pre
+
+    def __call__(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict:
+        ctx = RequestContext()
+        if model == ENCODE_IMAGE:
+            pre = self.models["preprocess"].infer(dict(inputs), ctx)
+            vis_in = self.models["vision_encoder"].session.get_inputs()[0].name
+            bb_in = self.models["mask_backbone"].session.get_inputs()[0].name
+            vis = self.models["vision_encoder"].infer({vis_in: pre["pixel_values"]}, ctx)
+            bb = self.models["mask_backbone"].infer({bb_in: pre["hipie_image"]}, ctx)
+            got = {**pre, **vis, **bb}
+        else:
+            got = self.models[model].infer(dict(inputs), ctx)
+        return {o: got[o] for o in outputs}
+
+
+# --------------------------------------------------------------------------------------------
+# the python-backend entry point
+# --------------------------------------------------------------------------------------------
+class SegLLMBlsModel(PythonModel):
+    """``segllm``: sequence-batched BLS model. Parameters: ``segllm_export_dir`` (absolute or relative to
+    the model folder), ``segllm_max_conversations`` (per instance), ``segllm_idle_timeout_s``."""
+
+    caller: Caller = staticmethod(pb_utils_caller)
+
+    def initialize(self) -> None:
+        name = self.config.get("name", "segllm")
+        export_dir = resolve_model_path(self.params[PARAM_EXPORT_DIR], self.args, name)
+        seq = self.config.get("sequence_batching") or {}
+        idle_us = int(seq.get("max_sequence_idle_microseconds") or 0)
+        idle = float(self.params.get(PARAM_IDLE_TIMEOUT) or (idle_us / 1e6 if idle_us else 600))
+        cap = int(self.params.get(PARAM_MAX_CONVERSATIONS) or 8)
+        caller = self.caller
+        self.service = ConversationService(lambda: TritonBlsBackend(export_dir, caller), cap, idle)
+        self.service.backend  # load tokenizer/manifest now: fail at model load, not at the first request
+
+    def infer(self, inputs: dict, ctx: RequestContext) -> dict:
+        return self.service.handle(inputs, ctx)
+
+    def error_message(self, exc: BaseException) -> str:
+        return bracketed(exc)
+
+
+def slots_for(max_conversations: int, instance_count: int) -> int:
+    """Sequence-batcher slots per instance (= max_batch_size): the cap per instance plus one spare slot,
+    so that a START over the cap reaches the model and gets a clear error instead of waiting in
+    Triton's backlog until some conversation idles out."""
+    return int(math.ceil(max_conversations / max(1, instance_count))) + 1

@@ -1,0 +1,103 @@
+"""``segllm-edge triton-repo`` and ``segllm-edge serve`` (registered in :mod:`segllm_edge.cli`)."""
+from __future__ import annotations
+
+import hashlib
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from ..errors import SegLLMError
+
+
+def _fail(exc: Exception):
+    raise click.ClickException(str(exc))
+
+
+@click.command("triton-repo")
+@click.option("--export", "export_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="export folder (from `segllm-edge export`)")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="repository to write")
+@click.option("--target", default="python", show_default=True, type=click.Choice(["python", "ngc"]),
+              help="python: every graph in a python-backend model (onnxruntime CPU; the nvidia-pytriton server); "
+                   "ngc: onnxruntime_onnx / tensorrt_plan models for NVIDIA's Triton container")
+@click.option("--max-conversations", default=8, show_default=True, help="live conversations the segllm model holds")
+@click.option("--idle-timeout", default=600.0, show_default=True,
+              help="seconds a conversation may idle before the server drops it")
+@click.option("--instances", default=1, show_default=True, help="instances per model")
+@click.option("--force", is_flag=True, help="overwrite a non-empty repository folder")
+def triton_repo_command(export_dir, out, target, max_conversations, idle_timeout, instances, force):
+    """Write a Triton model repository for EXPORT (models, encode_image ensemble, segllm BLS)."""
+    from .repository import describe_repository, generate_repository
+
+    try:
+        repo = generate_repository(export_dir, out, target=target, max_conversations=max_conversations,
+                                   idle_timeout_s=idle_timeout, instance_count=instances, force=force)
+    except (SegLLMError, FileExistsError, ValueError) as exc:
+        _fail(exc)
+    for name, kind in describe_repository(repo).items():
+        click.echo(f"{name:15s} {kind}")
+    click.echo(f"repository written to {repo} (target {target})")
+
+
+def _cached_repo(export_dir: Path, max_conversations: int, idle_timeout: float) -> Path:
+    from .repository import generate_repository
+    from .tritonserver import default_cache_dir
+
+    export = export_dir.resolve()
+    manifest = (export / "manifest.json").read_bytes() if (export / "manifest.json").is_file() else b""
+    key = hashlib.sha256(str(export).encode() + manifest + f"{max_conversations}:{idle_timeout}".encode()).hexdigest()[:16]
+    repo = default_cache_dir() / "repos" / key
+    return generate_repository(export, repo, max_conversations=max_conversations, idle_timeout_s=idle_timeout,
+                               force=True)
+
+
+@click.command("serve")
+@click.option("--export", "export_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="export folder (from `segllm-edge export`)")
+@click.option("--repo", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="a repository from `segllm-edge triton-repo` (default: generate one in the cache folder)")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0: all)")
+@click.option("--max-conversations", default=8, show_default=True)
+@click.option("--idle-timeout", default=600.0, show_default=True)
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="tritonserver log file (default: a temp file)")
+def serve_command(export_dir, repo, http_port, grpc_port, metrics_port, address, max_conversations, idle_timeout,
+                  log_path):
+    """Serve EXPORT with Triton Inference Server until Ctrl-C / SIGTERM."""
+    from .tritonserver import TritonServer, TritonServerError
+
+    try:
+        repo = repo or _cached_repo(export_dir, max_conversations, idle_timeout)
+    except (SegLLMError, FileExistsError, ValueError) as exc:
+        _fail(exc)
+    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          address=address, log_path=log_path, ready_timeout=300)
+    stop = threading.Event()
+
+    def _on_signal(signum, frame):
+        stop.set()
+
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        click.echo(f"starting tritonserver on {repo} …", err=True)
+        ready = server.wait_ready()
+        click.echo(f"ready in {ready:.1f} s\n  gRPC    {server.grpc_url}   (segllm_edge.connect(\"{server.grpc_url}\"))\n"
+                   f"  HTTP    http://{server.http_url}\n  metrics {server.metrics_url}\n  log     {server.log_path}\n"
+                   "Ctrl-C to stop.")
+        while not stop.wait(1.0):
+            if not server.is_alive():
+                raise TritonServerError(f"tritonserver exited; log {server.log_path}:\n{server.log_tail()}")
+    except SegLLMError as exc:
+        _fail(exc)
+    finally:
+        click.echo("stopping tritonserver …", err=True)
+        server.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+    click.echo("stopped.", err=True)

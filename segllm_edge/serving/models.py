@@ -1,0 +1,126 @@
+"""The stateless python-backend models of a generated repository (``--target python``).
+
+* :class:`OrtGraphModel` -- one exported graph run by onnxruntime (CPU).  Its tensor names and
+  dtypes come from the model's ``config.pbtxt``, which the generator wrote from the manifest;
+  the graph file is the ``segllm_graph_file`` parameter (absolute, or relative to the model folder).
+* :class:`PreprocessModel` -- encoded image bytes → the CLIP and HIPIE input tensors, plus what
+  the round loop needs from the preprocessing (the padded 1024² uint8 image, valid size).
+
+Both are plain :class:`~segllm_edge.serving.pystub.PythonModel` classes: ``infer(inputs, ctx)``
+on numpy dicts, usable without Triton (the unit tests and the in-process BLS caller do that).
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ImageError
+from .pystub import PythonModel, RequestContext, numpy_dtype
+
+PARAM_GRAPH_FILE = "segllm_graph_file"
+PARAM_GRAPH = "segllm_graph"
+PARAM_THREADS = "segllm_threads"
+PARAM_CLIP_SIZE = "segllm_clip_image_size"
+
+
+def resolve_model_path(value: str, args: dict | None, model_name: str) -> Path:
+    """A path parameter: absolute, or relative to ``<model_repository>/<model>/`` (as Triton passes it)."""
+    p = Path(value)
+    if p.is_absolute():
+        return p
+    repo = (args or {}).get("model_repository")
+    if repo:
+        base = Path(repo)
+        # the python backend passes the model's own folder as model_repository
+        if base.name != model_name and (base / model_name).is_dir():
+            base = base / model_name
+        return base / p
+    return p
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU session (one inter-op thread; intra-op threads as given, default all cores)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+class OrtGraphModel(PythonModel):
+    """Runs one exported graph with onnxruntime; inputs/outputs as listed in its config (= the manifest)."""
+
+    def initialize(self) -> None:
+        name = self.config.get("name", "")
+        graph_file = self.params.get(PARAM_GRAPH_FILE)
+        if not graph_file:
+            raise ValueError(f"model {name!r} has no {PARAM_GRAPH_FILE!r} parameter")
+        self.graph_path = resolve_model_path(graph_file, self.args, name)
+        threads = int(self.params.get(PARAM_THREADS) or 0) or None
+        self.session = ort_session(self.graph_path, threads)
+        self.input_dtypes = {i["name"]: numpy_dtype(i["data_type"]) for i in self.config.get("input", [])}
+        self.output_names = [o["name"] for o in self.config.get("output", [])]
+        got = [i.name for i in self.session.get_inputs()]
+        if sorted(got) != sorted(self.input_dtypes):
+            raise ValueError(f"graph {self.graph_path} has inputs {got}, the model config says "
+                             f"{list(self.input_dtypes)}: regenerate the repository from the export's manifest")
+
+    def infer(self, inputs: dict, ctx: RequestContext) -> dict:
+        feeds = {k: np.ascontiguousarray(v, dtype=self.input_dtypes[k]) for k, v in inputs.items()
+                 if k in self.input_dtypes}
+        outs = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, outs))
+
+
+def decode_image_bytes(payload) -> np.ndarray:
+    """Encoded PNG/JPEG/... bytes → HxWx3 uint8 RGB; :class:`ImageError` for anything unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..modeling.preprocess import load_image
+
+    if isinstance(payload, np.ndarray):
+        payload = payload.reshape(-1)[0] if payload.size else b""
+    if isinstance(payload, str):
+        payload = payload.encode("latin-1")
+    if not isinstance(payload, (bytes, bytearray)) or not payload:
+        raise ImageError("the image payload is empty: send the encoded PNG/JPEG bytes with the first round")
+    try:
+        with Image.open(io.BytesIO(bytes(payload))) as img:
+            img.load()
+            return load_image(img)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"cannot decode the image payload ({len(payload)} bytes): {exc}") from None
+
+
+def preprocess_arrays(rgb: np.ndarray, clip_size: int) -> dict[str, np.ndarray]:
+    """The tensors :class:`PreprocessModel` returns, for an RGB array."""
+    from ..modeling.hipie.preprocess import hipie_preprocess
+    from ..modeling.preprocess import clip_preprocess
+
+    clip = clip_preprocess(rgb, clip_size)[None]
+    hipie, padded, input_hw = hipie_preprocess(rgb)
+    return {
+        "pixel_values": np.ascontiguousarray(clip.numpy(), dtype=np.float32),
+        "hipie_image": np.ascontiguousarray(hipie.numpy(), dtype=np.float32),
+        "resized_padded": np.ascontiguousarray(padded, dtype=np.uint8),
+        "input_hw": np.asarray(input_hw, dtype=np.int32),
+    }
+
+
+class PreprocessModel(PythonModel):
+    """``image`` (BYTES [1]: encoded PNG/JPEG) → CLIP pixels, HIPIE input, padded image, sizes."""
+
+    def initialize(self) -> None:
+        self.clip_size = int(self.params.get(PARAM_CLIP_SIZE) or 224)
+
+    def infer(self, inputs: dict, ctx: RequestContext) -> dict:
+        rgb = decode_image_bytes(inputs["image"])
+        return preprocess_arrays(rgb, self.clip_size)
