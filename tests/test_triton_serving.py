@@ -159,8 +159,9 @@ def test_three_rounds_match_in_process_runtime_and_bad_reference(client, images,
 def test_concurrent_conversations_match_run_alone(client, images, reference, kept):
     plans = []
     for i in range(N_CONCURRENT):
-        # different images interleaved: any mix-up of per-conversation state shows in the masks
-        plans.append(("golden" if i % 2 == 0 else "mirror", (GOLDEN_QUESTIONS[0],)))
+        # different images, two rounds each (round 2 refers to round 1), all in flight at once: any mix-up of
+        # per-conversation state (features, mask memory, KV cache) shows in the masks
+        plans.append(("golden" if i % 2 == 0 else "mirror", GOLDEN_QUESTIONS[:2]))
     sessions = [client.session(images[img]) for img, _ in plans]
     results: dict[int, list] = {}
     errors = []

@@ -44,7 +44,8 @@ def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False
     with quiet, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         logging.getLogger("onnxscript").setLevel(logging.ERROR)
-        prog = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET,
+        # optimize=True: onnxscript's optimizer (constant folding, dead-code removal, shape-op simplification)
+        prog = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, optimize=True,
                                  dynamic_shapes=dynamic_shapes(name, spec, args),
                                  input_names=[t.name for t in spec.inputs],
                                  output_names=[t.name for t in spec.outputs], verbose=False)
