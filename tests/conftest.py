@@ -70,3 +70,17 @@ def golden_model(golden_ckpt):
     import segllm_edge
 
     return segllm_edge.load(golden_ckpt)
+
+
+@pytest.fixture(scope="session")
+def golden_export(golden_ckpt, tmp_path_factory) -> Path:
+    """fp32 ONNX export of the golden checkpoint, shared read-only by the export, serving and TensorRT tests.
+    SEGLLM_TEST_EXPORT_DIR reuses an existing export (development only; CI always exports)."""
+    given = os.environ.get("SEGLLM_TEST_EXPORT_DIR")
+    if given and (Path(given) / "manifest.json").is_file():
+        return Path(given)
+    from segllm_edge.export.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("export") / "fp32"
+    export_model(golden_ckpt, out, progress=False)
+    return out

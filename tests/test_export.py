@@ -18,13 +18,6 @@ from segllm_edge.export.onnx_export import export_model
 from segllm_edge.export.quantize import to_fp16, to_int4, to_int8
 
 
-@pytest.fixture(scope="session")
-def golden_export(golden_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "fp32"
-    export_model(golden_ckpt, out, progress=False)
-    return out
-
-
 @pytest.fixture(scope="module")
 def torch_model(golden_model):
     return golden_model.backend.model

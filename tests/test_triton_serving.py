@@ -26,16 +26,8 @@ N_CONCURRENT = 8        # conversations interleaved from threads (the issue asks
 
 # -- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def export_dir(golden_ckpt, tmp_path_factory):
-    """ONNX export of the golden checkpoint (SEGLLM_TEST_EXPORT_DIR reuses one, for development)."""
-    given = os.environ.get("SEGLLM_TEST_EXPORT_DIR")
-    if given and (Path(given) / "manifest.json").is_file():
-        return Path(given)
-    from segllm_edge.export.onnx_export import export_model
-
-    out = tmp_path_factory.mktemp("export")
-    export_model(golden_ckpt, out, force=True, progress=False)
-    return out
+def export_dir(golden_export):
+    return golden_export
 
 
 @pytest.fixture(scope="module")
