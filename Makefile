@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# CPU torch first: the pinned wheel; an unpinned torch would pull gigabytes of CUDA packages
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,serve,bench]"
+	# [cpu]: the onnxruntime CPU build; on a GPU machine use [gpu] instead (never both: same module)
+	$(PIP) install -q -e ".[cpu,test,serve,bench]"
 	touch $@
 
 demo: install

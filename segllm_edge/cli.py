@@ -172,8 +172,9 @@ def chat(checkpoint, image, backend, dtype, out, no_reuse, questions):
               help="checkpoint folder (torch backend); default: a tiny golden-size checkpoint under segllm-demo/")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="export folder (onnxruntime backend)")
-@click.option("--backend", default=None, type=click.Choice(["torch", "onnxruntime"]),
-              help="default: torch for --checkpoint, onnxruntime for --export")
+@click.option("--backend", default=None, type=click.Choice(["torch", "onnxruntime", "cuda", "tensorrt"]),
+              help="default: torch for --checkpoint, onnxruntime for --export; cuda: the GPU (onnxruntime CUDA "
+                   "provider for an export, torch on CUDA for a checkpoint); tensorrt: engines from build-engines")
 @click.option("--dtype", default="fp32", show_default=True, help="torch backend dtype")
 @click.option("--rounds", default=8, show_default=True)
 @click.option("--repeats", default=3, show_default=True)
@@ -235,9 +236,10 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
 
 def _register() -> None:
     from .export.cli import export_command
+    from .export.tensorrt.cli import build_engines_command
     from .serving.cli import serve_command, triton_repo_command
 
-    for cmd in (export_command, triton_repo_command, serve_command):
+    for cmd in (export_command, build_engines_command, triton_repo_command, serve_command):
         main.add_command(cmd)
 
 

@@ -28,6 +28,12 @@ def _external(path: Path) -> bool:
     return path.with_name(path.name + ".data").exists()
 
 
+def _require_onnxruntime():
+    from ..runtime.ort_backend import require_onnxruntime
+
+    return require_onnxruntime()
+
+
 def _save(model, path: Path, external: bool) -> None:
     import onnx
 
@@ -39,6 +45,7 @@ def _save(model, path: Path, external: bool) -> None:
 
 
 def to_fp16(path: Path) -> None:
+    _require_onnxruntime()  # the quantizers are part of onnxruntime (either the cpu or the gpu build)
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -48,6 +55,7 @@ def to_fp16(path: Path) -> None:
 
 
 def to_int8(path: Path) -> None:
+    _require_onnxruntime()  # the quantizers are part of onnxruntime (either the cpu or the gpu build)
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_name("int8_" + path.name)
@@ -57,6 +65,7 @@ def to_int8(path: Path) -> None:
 
 
 def to_int4(path: Path, block_size: int = 32) -> None:
+    _require_onnxruntime()  # the quantizers are part of onnxruntime (either the cpu or the gpu build)
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

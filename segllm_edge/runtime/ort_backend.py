@@ -33,15 +33,37 @@ class OrtKVCache:
         return int(sum(a.nbytes for a in self.arrays))
 
 
+ORT_INSTALL_HINT = (
+    "onnxruntime is not installed: install segllm-edge with the extra for your machine, "
+    "`pip install 'segllm-edge[cpu]'` (onnxruntime, CPU) or `pip install 'segllm-edge[gpu]'` (onnxruntime-gpu, "
+    "x86_64 + NVIDIA GPU; on Jetson use NVIDIA's onnxruntime-gpu wheel for your JetPack). Install only one of "
+    "the two: both provide the `onnxruntime` module")
+
+
+def require_onnxruntime():
+    """``import onnxruntime`` or a BackendError saying which extra to install."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise BackendError(f"{ORT_INSTALL_HINT} (import error: {exc})") from None
+    return ort
+
+
 def _providers(device: str) -> list:
-    import onnxruntime as ort
+    ort = require_onnxruntime()
 
     avail = ort.get_available_providers()
-    if device == "cuda":
+    device = str(device)
+    if device == "cuda" or device.startswith("cuda:"):
         if "CUDAExecutionProvider" not in avail:
-            raise BackendError("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu "
-                               "(pip install 'segllm-edge[gpu]') on a machine with an NVIDIA GPU")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            raise BackendError("onnxruntime has no CUDAExecutionProvider here (available: "
+                               f"{', '.join(avail)}): install onnxruntime-gpu instead of onnxruntime "
+                               "(pip uninstall onnxruntime; pip install 'segllm-edge[gpu]') on a machine with an "
+                               "NVIDIA GPU")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    if device != "cpu":
+        raise BackendError(f"unknown device {device!r} for the onnxruntime backend; use 'cpu', 'cuda' or 'cuda:N'")
     return ["CPUExecutionProvider"]
 
 
@@ -61,8 +83,7 @@ class OrtBackend:
 
     @classmethod
     def from_export(cls, path, device: str = "cpu", threads: int | None = None, **_ignored) -> "OrtBackend":
-        import onnxruntime as ort
-
+        ort = require_onnxruntime()
         folder = Path(path)
         manifest = Manifest.load(folder)
         manifest.check_files(folder)
@@ -77,6 +98,11 @@ class OrtBackend:
                 sessions[name] = ort.InferenceSession(str(folder / g.file), sess_options=opts, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
                 raise CheckpointError(f"cannot load graph {name} from {folder / g.file}: {exc}") from None
+            if providers[0] != "CPUExecutionProvider" and sessions[name].get_providers()[0] != "CUDAExecutionProvider":
+                # onnxruntime-gpu falls back to the CPU (with a log line only) when CUDA/cuDNN cannot be loaded
+                raise BackendError(f"onnxruntime could not use CUDA for graph {name} (it fell back to "
+                                   f"{sessions[name].get_providers()[0]}): check the NVIDIA driver and that the CUDA "
+                                   "and cuDNN versions match this onnxruntime-gpu build")
             got = [i.name for i in sessions[name].get_inputs()]
             want = [t.name for t in g.inputs]
             if got != want:
