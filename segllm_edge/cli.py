@@ -11,6 +11,8 @@ import click
 
 from .errors import SegLLMError
 
+BACKENDS = ("torch", "onnxruntime", "cuda", "tensorrt")
+
 DEMO_QUESTIONS = ("Segment the red circle.", "Segment the blue square next to it.[REF:1]",
                   "Segment the object above instance 2.[REF:2]")
 
@@ -102,7 +104,8 @@ def _run_rounds(model, image, questions, reuse: bool, out: Path | None):
               help="checkpoint folder (default: build a tiny one under --workdir)")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("segllm-demo"),
               show_default=True, help="where the tiny checkpoint and the overlays go")
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnxruntime"]))
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(BACKENDS),
+              help="onnxruntime/tensorrt take an export folder; cuda either")
 @click.option("--dtype", default="fp32", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the per-round timings as JSON")
@@ -130,7 +133,8 @@ def demo(checkpoint, workdir, backend, dtype, json_out):
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="checkpoint or export folder")
 @click.option("--image", required=True, type=click.Path(path_type=Path))
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnxruntime"]))
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(BACKENDS),
+              help="onnxruntime/tensorrt take an export folder; cuda either")
 @click.option("--dtype", default="fp32", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="write overlays here")
 @click.option("--no-reuse", is_flag=True, help="recompute everything every round (the research code's way)")
@@ -172,7 +176,7 @@ def chat(checkpoint, image, backend, dtype, out, no_reuse, questions):
               help="checkpoint folder (torch backend); default: a tiny golden-size checkpoint under segllm-demo/")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="export folder (onnxruntime backend)")
-@click.option("--backend", default=None, type=click.Choice(["torch", "onnxruntime", "cuda", "tensorrt"]),
+@click.option("--backend", default=None, type=click.Choice(BACKENDS),
               help="default: torch for --checkpoint, onnxruntime for --export; cuda: the GPU (onnxruntime CUDA "
                    "provider for an export, torch on CUDA for a checkpoint); tensorrt: engines from build-engines")
 @click.option("--dtype", default="fp32", show_default=True, help="torch backend dtype")
