@@ -52,11 +52,12 @@ def reference(export_dir):
     memo = {}
 
     def run(image: bytes, questions: tuple):
-        key = (image, questions)
-        if key not in memo:
-            s = model.session(decode_image_bytes(image))
-            memo[key] = [s.ask(q) for q in questions]
-        return memo[key]
+        for (img, qs), results in memo.items():     # a longer run on the same image answers its prefixes
+            if img == image and qs[:len(questions)] == questions:
+                return results[:len(questions)]
+        s = model.session(decode_image_bytes(image))
+        memo[(image, questions)] = [s.ask(q) for q in questions]
+        return memo[(image, questions)]
 
     return run
 
