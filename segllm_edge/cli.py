@@ -101,7 +101,8 @@ def _run_rounds(model, image, questions, reuse: bool, out: Path | None):
 
 @main.command()
 @click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="checkpoint folder (default: build a tiny one under --workdir)")
+              help="checkpoint or export folder (default: build a tiny checkpoint under --workdir; "
+                   "onnxruntime/tensorrt export it there first)")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("segllm-demo"),
               show_default=True, help="where the tiny checkpoint and the overlays go")
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(BACKENDS),
@@ -120,6 +121,13 @@ def demo(checkpoint, workdir, backend, dtype, json_out):
             if not (checkpoint / "config.json").exists():
                 with _Step(f"building a tiny checkpoint in {checkpoint}"):
                     make_tiny_checkpoint(checkpoint, force=True)
+        if backend in ("onnxruntime", "tensorrt") and not (checkpoint / "manifest.json").exists():
+            from .export.onnx_export import export_model
+
+            export = workdir / "export"           # these backends run an export: make one (once) first
+            if not (export / "manifest.json").exists():
+                export_model(checkpoint, export, force=True, drift_report=False)
+            checkpoint = export
         model = _load(checkpoint, backend, dtype)
         click.echo(f"{model}\nimage: {demo_image().name}")
         _, rows = _run_rounds(model, demo_image(), DEMO_QUESTIONS, reuse=True, out=workdir / "overlays")
