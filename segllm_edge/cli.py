@@ -116,7 +116,8 @@ def demo(checkpoint, workdir, backend, dtype, json_out):
     from .tiny import make_tiny_checkpoint
 
     try:
-        if checkpoint is None:
+        own = checkpoint is None                  # the demo's own tiny checkpoint: built once, exported once
+        if own:
             checkpoint = workdir / "tiny-checkpoint"
             if not (checkpoint / "config.json").exists():
                 with _Step(f"building a tiny checkpoint in {checkpoint}"):
@@ -124,8 +125,10 @@ def demo(checkpoint, workdir, backend, dtype, json_out):
         if backend in ("onnxruntime", "tensorrt") and not (checkpoint / "manifest.json").exists():
             from .export.onnx_export import export_model
 
-            export = workdir / "export"           # these backends run an export: make one (once) first
-            if not (export / "manifest.json").exists():
+            # these backends run an export. The manifest does not name its source checkpoint, so an export
+            # left in the workdir is reused only for the demo's own checkpoint; a given one is exported afresh.
+            export = workdir / "export"
+            if not (own and (export / "manifest.json").exists()):
                 export_model(checkpoint, export, force=True, drift_report=False)
             checkpoint = export
         model = _load(checkpoint, backend, dtype)
