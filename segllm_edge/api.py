@@ -119,3 +119,14 @@ def load(path: str | Path, backend: str = "torch", dtype=None, device: str = "cp
         return SegLLM(TrtBackend.from_export(path, device=device if str(device).startswith("cuda") else "cuda",
                                              **kwargs))
     raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def drift_probe(image=None, questions=None, backend: str = "onnxruntime", device: str = "cpu"):
+    """The conversation a reduced-precision export's drift report runs (``export_model(drift_probe=...)``):
+    by default the bundled demo image and questions, each export folder loaded with :func:`load`."""
+    from .demo_assets import DEMO_QUESTIONS, demo_image
+    from .export.drift import DriftProbe
+
+    return DriftProbe(load=lambda folder: load(folder, backend=backend, device=device),
+                      image=demo_image() if image is None else image,
+                      questions=tuple(questions or DEMO_QUESTIONS))

@@ -38,6 +38,10 @@ class BackendError(SegLLMError):
     """A backend is unknown or cannot run here (for example a missing optional package)."""
 
 
+class AccuracyGuardError(SegLLMError):
+    """A reduced-precision export drifted too far from fp32 on its drift report (the export is written)."""
+
+
 # ``ReferenceError`` is a Python builtin; export the project's under a clear alias too.
 RoundReferenceError = ReferenceError_
 
@@ -50,4 +54,5 @@ __all__ = [
     "ContextOverflowError",
     "SessionError",
     "BackendError",
+    "AccuracyGuardError",
 ]

@@ -58,10 +58,14 @@ class SegLLMTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "SegLLMTokenizer":
+        import warnings
+
         from transformers import AutoTokenizer
 
         try:
-            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            with warnings.catch_warnings():  # transformers reads config.json's `rope_scaling: null`: nothing to act on
+                warnings.filterwarnings("ignore", message="`rope_scaling` is deprecated", category=FutureWarning)
+                tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception as exc:  # transformers raises many types for broken tokenizer files
             raise CheckpointError(f"cannot load the tokenizer from {folder}: {exc}") from None
         ids = {}

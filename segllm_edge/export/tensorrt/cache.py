@@ -38,7 +38,7 @@ def short_version(v: str) -> str:
 
 def current_device(device_index: int = 0) -> DeviceInfo:
     """The GPU and TensorRT of this machine (imports torch.cuda and tensorrt)."""
-    from .builder import require_tensorrt
+    from .trt_import import require_tensorrt
     import torch
 
     trt = require_tensorrt()
