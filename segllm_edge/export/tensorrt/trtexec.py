@@ -56,3 +56,34 @@ def trtexec_command(plan, spec, options, strong: bool, engine: Path, onnx_path: 
 
 def format_command(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
+
+
+def print_commands(export_dir, precision: str, options, out_dir=None) -> list[str]:
+    """One trtexec command per planned graph (TensorRT 11's strongly typed form when the installed tensorrt is
+    11 or later, or ``options.strongly_typed``; TensorRT 10's flags otherwise, also when none is installed)."""
+    from ..manifest import Manifest
+    from .builder import DEFAULT_ENGINES_SUBDIR, plan_build
+    from .trt_import import STRONG, api_generation
+
+    try:
+        import tensorrt as trt
+
+        version = str(trt.__version__)
+    except (ImportError, OSError):
+        version = None
+    strong = options.strongly_typed or (version is not None and api_generation(version) == STRONG)
+    folder = Path(export_dir)
+    out = Path(out_dir) if out_dir else folder / DEFAULT_ENGINES_SUBDIR
+    manifest = Manifest.load(folder)
+    lines = [f"# TensorRT {version or '10 (none installed here)'}: "
+             f"{'strongly typed' if strong else 'weakly typed (precision flags)'} builds"]
+    for plan in plan_build(folder, precision, options):
+        src = plan.onnx
+        if strong and not options.strongly_typed and plan.precision != "fp32" and not plan.has_qdq:
+            src = out / "typed" / f"{plan.graph}.fp16.onnx"
+            lines.append(f"# {plan.graph}: parse the typed copy written by `segllm-edge build-engines` ({src})")
+        argv = trtexec_command(plan, manifest.graphs[plan.graph], options, strong,
+                               engine=out / f"{plan.graph}.{plan.precision}.plan", onnx_path=src,
+                               timing_cache=out / "timing.cache")
+        lines.append(format_command(argv))
+    return lines
