@@ -243,11 +243,12 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
 
 
 def _register() -> None:
+    from .evaluation.cli import eval_command
     from .export.cli import export_command
     from .export.tensorrt.cli import build_engines_command
     from .serving.cli import serve_command, triton_repo_command
 
-    for cmd in (export_command, build_engines_command, triton_repo_command, serve_command):
+    for cmd in (export_command, build_engines_command, triton_repo_command, serve_command, eval_command):
         main.add_command(cmd)
 
 
