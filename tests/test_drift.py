@@ -9,7 +9,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import segllm_edge
 from segllm_edge.errors import AccuracyGuardError
 from segllm_edge.export.drift import RoundOutcome, compare_rounds, format_drift, guard
 from segllm_edge.export.files import save_graph

@@ -94,6 +94,10 @@ def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool =
     manifest.extra["graphs"] = notes
     manifest.extra["source_checkpoint"] = str(ckpt.resolve())
     manifest.save(out)
+    del model, loaded  # the torch model is not needed past here: free it before the conversion and drift report
+    import gc
+
+    gc.collect()
     if precision != "fp32":
         from .quantize import quantize_export
 
