@@ -13,6 +13,7 @@ mask IoU per round, the LLM hidden-state error and the graph sizes on disk; a fa
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def to_int4(path: Path, block_size: int = 32) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    # it logs one INFO line per node it skips (hundreds): nothing a user can act on
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     m = onnx.load(str(path))
     q = MatMulNBitsQuantizer(m, block_size=block_size, is_symmetric=True)
     q.process()
