@@ -102,7 +102,7 @@ def compare_table(results: dict[str, dict]) -> str:
     """Per-round gIoU / cIoU / P@0.5 side by side, one column group per model (precision)."""
     labels = list(results)
     rounds = sorted({r["round"] for m in results.values() for r in m["rounds"]})
-    head = "round " + "".join(f"| {lab[:22]:^22s} " for lab in labels)
+    head = "round " + "".join(f"| {lab[:20]:^20s} " for lab in labels)
     sub = "      " + "| gIoU   cIoU   P@0.5  " * len(labels)
     lines = [head, sub]
     for rnd in rounds:
