@@ -111,7 +111,7 @@ def compare_table(results: dict[str, dict]) -> str:
             r = next((x for x in results[lab]["rounds"] if x["round"] == rnd), None)
             cells.append("| " + (f"{r['gIoU']:.3f}  {r['cIoU']:.3f}  {r['P@0.5']:.3f}  " if r else f"{'-':^21s} "))
         lines.append(f"{rnd:5d} " + "".join(cells))
-    lines.append("items " + "".join("| " + f"{m['conversations']} conv, {len(m['problems'])} bad".ljust(21) + " "
+    lines.append("items " + "".join("| " + f"{m['conversations']} conv, {len(m['problems'])} bad".ljust(20) + " "
                                        for m in results.values()))
     return "\n".join(lines)
 
