@@ -4,22 +4,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import click
 
+from .contracts.backends import BACKENDS
+from .contracts.demo import DEMO_QUESTIONS, demo_image
 from .errors import SegLLMError
-
-BACKENDS = ("torch", "onnxruntime", "cuda", "tensorrt")
-
-DEMO_QUESTIONS = ("Segment the red circle.", "Segment the blue square next to it.[REF:1]",
-                  "Segment the object above instance 2.[REF:2]")
-
-
-def demo_image() -> Path:
-    return Path(str(resources.files("segllm_edge").joinpath("assets", "demo_shapes.png")))
-
 
 def _fail(exc: Exception) -> None:
     raise click.ClickException(str(exc))

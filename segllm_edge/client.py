@@ -54,7 +54,7 @@ def _image_bytes(image) -> bytes:
     from PIL import Image
 
     if isinstance(image, np.ndarray):
-        from .modeling.preprocess import load_image
+        from .pipeline.images import load_image
 
         image = Image.fromarray(load_image(image))
     if isinstance(image, Image.Image):
@@ -172,7 +172,7 @@ class RemoteSession:
         timings["client_round_trip"] = rtt
         if "bls_total" in timings:
             timings["transport"] = max(0.0, rtt - timings["bls_total"])
-        from .modeling.tokenizer import split_refs
+        from .pipeline.tokenizer import split_refs
 
         text, inline = split_refs(question)
         merged = list(refs or []) + [x for x in inline if x not in (refs or [])]

@@ -30,11 +30,11 @@ from onnx import TensorProto, helper
 import segllm_edge
 from conftest import GOLDEN_QUESTIONS
 from segllm_edge.errors import BackendError
-from segllm_edge.export.manifest import Manifest, TensorSpec
+from segllm_edge.contracts.manifest import Manifest, TensorSpec
 from segllm_edge.export.tensorrt import builder as B
-from segllm_edge.export.tensorrt import cache as C
+from segllm_edge.contracts import engines as C
 from segllm_edge.export.tensorrt import ops
-from segllm_edge.export.tensorrt import profiles as P
+from segllm_edge.contracts import engine_profiles as P
 
 FAKE_DEVICE = C.DeviceInfo("NVIDIA Fake GPU 80GB", (9, 0), "10.1.0.27")
 

@@ -161,7 +161,7 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
     ``threads``: onnxruntime intra-op threads per graph model (default: all cores).
     ``link_graphs`` (ngc): symlink the graphs instead of copying them.
     """
-    from ..export.manifest import MANIFEST_NAME, Manifest
+    from ..contracts.manifest import MANIFEST_NAME, Manifest
 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
