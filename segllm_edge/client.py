@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BackendError, ImageError, QuestionError, SegLLMError, SessionError
-from .serving.wire import ERROR_CLASSES, OUTPUT_NAMES, decode_mask_png, parse_bracketed
+from .contracts.serving import OUTPUT_NAMES
+from .serving.wire import ERROR_CLASSES, decode_mask_png, parse_bracketed
 #: Triton's own words for a non-START request on a correlation id it does not know
 _LOST = ("must specify the start flag", "inference request for unknown sequence", "sequence batcher")
 

@@ -21,7 +21,6 @@ Layers, each testable without Triton:
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -30,6 +29,8 @@ import numpy as np
 
 from ..contracts.export_folder import open_export
 from ..contracts.manifest import kv_names
+from ..contracts.serving import (ENCODE_IMAGE, HIPIE_IMAGE, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR, PARAM_IDLE_TIMEOUT,
+                                 PARAM_MAX_CONVERSATIONS, PIXEL_VALUES, PREPROCESS_MODEL, PREPROCESS_PASSTHROUGH)
 from ..errors import BackendError, ImageError, SessionError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from ..runtime.kv_cache import HostKVCache
@@ -38,14 +39,6 @@ from .models import decode_image_bytes, resolve_model_path
 from .pystub import PythonModel, RequestContext, SequenceStore
 from .wire import ERROR_CLASSES, bracketed, encode_mask_png, parse_bracketed
 
-PARAM_EXPORT_DIR = "segllm_export_dir"
-PARAM_MAX_CONVERSATIONS = "segllm_max_conversations"
-PARAM_IDLE_TIMEOUT = "segllm_idle_timeout_s"
-
-#: the ensemble the BLS calls for the image step (the other models are named after the manifest's graphs)
-ENCODE_IMAGE = "encode_image"
-#: what the ensemble returns besides the vision_encoder's and mask_backbone's outputs (from preprocess)
-PREPROCESS_PASSTHROUGH = ("resized_padded", "input_hw")
 
 Caller = Callable[[str, Mapping[str, np.ndarray], Sequence[str]], dict]
 
@@ -328,18 +321,18 @@ class InProcessCaller:
             m.setup(graph_model_config_dict(g, folder / g.file, threads))
             self.models[name] = m
         pre = PreprocessModel()
-        pre.setup({"name": "preprocess", "parameters": {
-            "segllm_clip_image_size": {"string_value": str(manifest.model["clip_image_size"])}}})
-        self.models["preprocess"] = pre
+        pre.setup({"name": PREPROCESS_MODEL, "parameters": {
+            PARAM_CLIP_SIZE: {"string_value": str(manifest.model["clip_image_size"])}}})
+        self.models[PREPROCESS_MODEL] = pre
 
     def __call__(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict:
         ctx = RequestContext()
         if model == ENCODE_IMAGE:
-            pre = self.models["preprocess"].infer(dict(inputs), ctx)
+            pre = self.models[PREPROCESS_MODEL].infer(dict(inputs), ctx)
             vis_in = self.models["vision_encoder"].session.get_inputs()[0].name
             bb_in = self.models["mask_backbone"].session.get_inputs()[0].name
-            vis = self.models["vision_encoder"].infer({vis_in: pre["pixel_values"]}, ctx)
-            bb = self.models["mask_backbone"].infer({bb_in: pre["hipie_image"]}, ctx)
+            vis = self.models["vision_encoder"].infer({vis_in: pre[PIXEL_VALUES]}, ctx)
+            bb = self.models["mask_backbone"].infer({bb_in: pre[HIPIE_IMAGE]}, ctx)
             got = {**pre, **vis, **bb}
         else:
             got = self.models[model].infer(dict(inputs), ctx)
@@ -372,9 +365,3 @@ class SegLLMBlsModel(PythonModel):
     def error_message(self, exc: BaseException) -> str:
         return bracketed(exc)
 
-
-def slots_for(max_conversations: int, instance_count: int) -> int:
-    """Sequence-batcher slots per instance (= max_batch_size): the cap per instance plus one spare slot,
-    so that a START over the cap reaches the model and gets a clear error instead of waiting in
-    Triton's backlog until some conversation idles out."""
-    return int(math.ceil(max_conversations / max(1, instance_count))) + 1

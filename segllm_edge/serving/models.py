@@ -17,13 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contracts.serving import HIPIE_IMAGE, PARAM_CLIP_SIZE, PARAM_GRAPH_FILE, PARAM_THREADS, PIXEL_VALUES
 from ..errors import ImageError
 from .pystub import PythonModel, RequestContext, numpy_dtype
 
-PARAM_GRAPH_FILE = "segllm_graph_file"
-PARAM_GRAPH = "segllm_graph"
-PARAM_THREADS = "segllm_threads"
-PARAM_CLIP_SIZE = "segllm_clip_image_size"
 
 
 def resolve_model_path(value: str, args: dict | None, model_name: str) -> Path:
@@ -107,8 +104,8 @@ def preprocess_arrays(rgb: np.ndarray, clip_size: int) -> dict[str, np.ndarray]:
     clip = clip_preprocess(rgb, clip_size)[None]
     hipie, padded, input_hw = hipie_preprocess(rgb)
     return {
-        "pixel_values": np.ascontiguousarray(clip, dtype=np.float32),
-        "hipie_image": np.ascontiguousarray(hipie, dtype=np.float32),
+        PIXEL_VALUES: np.ascontiguousarray(clip, dtype=np.float32),
+        HIPIE_IMAGE: np.ascontiguousarray(hipie, dtype=np.float32),
         "resized_padded": np.ascontiguousarray(padded, dtype=np.uint8),
         "input_hw": np.asarray(input_hw, dtype=np.int32),
     }

@@ -18,9 +18,6 @@ ERROR_CLASSES = {
     "SegLLMError": SegLLMError,
 }
 
-#: the ``segllm`` model's outputs, in order
-OUTPUT_NAMES = ("mask", "box", "model_box", "score", "round", "timings")
-
 
 def error_name(exc: BaseException) -> str:
     """The bracketed name of ``exc``: its segllm error class (RoundReferenceError under its public
