@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -279,10 +278,6 @@ def _register() -> None:
 
 
 _register()
-
-
-def _main_module() -> None:  # python -m segllm_edge
-    sys.exit(main())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import shutil
 import warnings
@@ -104,7 +103,3 @@ def graph_sizes(folder: Path, manifest: Manifest) -> dict[str, int]:
             total += data.stat().st_size
         sizes[name] = total
     return sizes
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1))

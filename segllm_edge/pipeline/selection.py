@@ -50,14 +50,12 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray, iou_thr
 def select_instance(outputs: dict, index: int = -1) -> dict:
     """Selection for one ``<seg>`` row of the mask decoder's outputs (numpy arrays).
 
-    Returns query_index (fg index 0..99), score, label, box_xyxy (4,) in 1024 px (may exceed the frame) and
-    mask_logits (256, 256), plus the intermediates the PyTorch reference returns.
+    Returns query_index (fg index 0..99), score, label, box_xyxy (4,) in 1024 px (may exceed the frame) and,
+    when ``outputs`` has ``pred_masks``, mask_logits (256, 256), plus the intermediates the PyTorch reference returns.
     """
     logits = np.asarray(outputs["pred_logits"][index], dtype=np.float32)[NUM_BG:]
     boxes = np.asarray(outputs["pred_boxes"][index], dtype=np.float32)[NUM_BG:]
     ious = np.asarray(outputs["pred_boxious"][index], dtype=np.float32)[NUM_BG:]
-    masks = np.asarray(outputs["pred_masks"][index])
-    masks = masks.reshape(masks.shape[0], masks.shape[-2], masks.shape[-1])[NUM_BG:]
 
     cls = np.stack([logits[:, 0:4].mean(-1), logits[:, 4:8].mean(-1)], axis=-1)
     prob = np.sqrt(_sigmoid(cls) * _sigmoid(ious))                                     # Q,2
@@ -76,12 +74,11 @@ def select_instance(outputs: dict, index: int = -1) -> dict:
     scores = np.where(labels == 0, np.float32(-1), top_vals)
     best = int(scores.argmax())
     q = int(fg_ids[best])
-    return {
+    out = {
         "query_index": q,
         "score": float(top_vals[best]),
         "label": int(labels[best]),
         "box_xyxy": inst_boxes[best].copy(),
-        "mask_logits": np.array(masks[q], dtype=np.float32),
         "nms_boxes_xyxy": boxes_xyxy,
         "nms_scores": nms_scores,
         "nms_labels": nms_labels,
@@ -92,3 +89,16 @@ def select_instance(outputs: dict, index: int = -1) -> dict:
         "inst_fg_query_ids": fg_ids,
         "selected_instance_index": best,
     }
+    if "pred_masks" in outputs:  # the caller may fetch only the selected query's mask (see mask_row)
+        out["mask_logits"] = mask_row(outputs["pred_masks"], index, q)
+    return out
+
+
+def mask_row(pred_masks, index: int, query_index: int) -> np.ndarray:
+    """The (256, 256) logits of foreground query ``query_index`` of ``<seg>`` row ``index`` of ``pred_masks``
+    ((n, 110, 256, 256) or (n, 110, 1, 256, 256)); a device tensor is indexed before it is copied to the host."""
+    m = pred_masks[index][NUM_BG + query_index]
+    if hasattr(m, "detach"):
+        m = m.detach().float().cpu().numpy()
+    m = np.asarray(m, dtype=np.float32)
+    return m.reshape(m.shape[-2], m.shape[-1])

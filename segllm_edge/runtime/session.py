@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ContextOverflowError, QuestionError, RoundReferenceError, SessionError
 from ..pipeline.images import clip_preprocess, hipie_preprocess, load_image
 from ..pipeline.masks import box_to_original, masked_crop, postprocess_mask
-from ..pipeline.selection import select_instance
+from ..pipeline.selection import mask_row, select_instance
 from ..pipeline.tokenizer import round_text, split_refs
 from .backend import Backend, host
 from .profiler import StageTimer
@@ -257,7 +257,9 @@ class Session:
         with t.stage("mask_decoder"):
             raw = self.backend.mask_decode(im.features, cond)
         with t.stage("postprocess"):
-            sel = select_instance({k: host(v[-1:]) for k, v in raw.items()}, index=-1)  # only the newest <seg>
+            # only the newest <seg>, and of the masks only the selected query's (a device stays a device)
+            sel = select_instance({k: host(raw[k][-1:]) for k in ("pred_logits", "pred_boxes", "pred_boxious")})
+            sel["mask_logits"] = mask_row(raw["pred_masks"], -1, sel["query_index"])
         trace = None
         if self.trace:
             trace = dict(inputs_embeds=emb, hidden=hidden, seg_in=seg_in, seg_out=_trace(cond),

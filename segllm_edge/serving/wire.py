@@ -20,10 +20,8 @@ ERROR_CLASSES = {
 
 
 def error_name(exc: BaseException) -> str:
-    """The bracketed name of ``exc``: its segllm error class (RoundReferenceError under its public
-    name), ``SessionError`` for sequence errors, ``InternalError`` for anything else."""
-    if isinstance(exc, RoundReferenceError):
-        return "RoundReferenceError"
+    """The bracketed name of ``exc``: its segllm error class, ``SessionError`` for sequence errors,
+    ``InternalError`` for anything else."""
     if type(exc).__name__ == "SequenceError":
         return "SessionError"
     for name, cls in ERROR_CLASSES.items():
