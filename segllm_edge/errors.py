@@ -18,7 +18,7 @@ class ImageError(SegLLMError):
     """An image could not be read or is of an unsupported kind."""
 
 
-class ReferenceError_(SegLLMError):
+class RoundReferenceError(SegLLMError):
     """A question refers to a round that does not exist or has no mask."""
 
 
@@ -41,9 +41,6 @@ class BackendError(SegLLMError):
 class AccuracyGuardError(SegLLMError):
     """A reduced-precision export drifted too far from fp32 on its drift report (the export is written)."""
 
-
-# ``ReferenceError`` is a Python builtin; export the project's under a clear alias too.
-RoundReferenceError = ReferenceError_
 
 __all__ = [
     "SegLLMError",

@@ -12,7 +12,7 @@ import pytest
 from segllm_edge.errors import AccuracyGuardError
 from segllm_edge.export.drift import RoundOutcome, compare_rounds, format_drift, guard
 from segllm_edge.export.files import save_graph
-from segllm_edge.export.manifest import Manifest
+from segllm_edge.contracts.manifest import Manifest
 from segllm_edge.export.quantize import REPORT_FILE, enforce_guard
 
 H = np.ones((4, 8), np.float32)
@@ -100,15 +100,15 @@ def test_fp16_export_has_an_fp16_kv_cache(golden_export_fp16):
     assert all(got[t.name] == "tensor(float16)" for t in kv)
     assert got["inputs_embeds"] == got["hidden_states"] == "tensor(float)"
     # the runtime's cache follows the manifest: half the bytes per token of the fp32 export's
-    import torch
-
+    from segllm_edge.contracts.export_folder import open_export
     from segllm_edge.runtime.ort_backend import OrtBackend
 
-    backend = OrtBackend(golden_export_fp16, man, None, {"llm": sess}, None)  # only the llm graph is needed here
+    backend = OrtBackend(open_export(golden_export_fp16), None, {"llm": sess}, None)  # only the llm graph is needed
     cache = backend.new_cache()
     info = man.model
-    backend.llm(torch.randn(1, 5, info["hidden_size"]), cache)
-    backend.llm(torch.randn(1, 2, info["hidden_size"]), cache)
+    rng = np.random.default_rng(0)
+    backend.llm(rng.standard_normal((1, 5, info["hidden_size"]), dtype=np.float32), cache)
+    backend.llm(rng.standard_normal((1, 2, info["hidden_size"]), dtype=np.float32), cache)
     assert cache.length == 7 and all(a.dtype == np.float16 for a in cache.arrays)
     per_token = 2 * info["num_layers"] * info["num_kv_heads"] * info["head_dim"] * 2
     assert cache.nbytes() == per_token * 7 == 7 * 1024  # the README: 1 KiB per token for the golden-size model in fp16

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from segllm_edge.cli import main
 from segllm_edge.errors import BackendError
 from segllm_edge.export.tensorrt import builder as B
-from segllm_edge.export.tensorrt import cache as C
-from segllm_edge.export.tensorrt.trt_import import STRONG, WEAK, api_generation, require_tensorrt
+from segllm_edge.contracts import engines as C
+from segllm_edge.contracts.engines import STRONG, WEAK, api_generation, require_tensorrt
 from test_tensorrt import FAKE_DEVICE, make_fake_tensorrt
 
 TRT11 = dataclasses.replace(FAKE_DEVICE, trt_version="11.0.0.7")

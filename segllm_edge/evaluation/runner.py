@@ -37,7 +37,7 @@ def _append(path: Path, row: dict) -> None:
 
 def _ground_truth(conv: Conversation) -> tuple[np.ndarray, list[np.ndarray]]:
     """The image (HxWx3 uint8) and every round's mask, all checked before the model runs."""
-    from ..modeling.preprocess import load_image
+    from ..pipeline.images import load_image
 
     if not conv.image.is_file():
         raise AnnotationError(f"image {conv.image} does not exist")

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import click
 
+from ..contracts.precisions import EXPORT_PRECISIONS
 from ..errors import SegLLMError
-from .quantize import PRECISIONS
 
 
 @click.command("export")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="SegLLM checkpoint folder")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="export folder")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(EXPORT_PRECISIONS))
 @click.option("--force", is_flag=True, help="overwrite a non-empty export folder")
 @click.option("--no-drift-report", is_flag=True, help="skip the accuracy check of reduced precisions")
 @click.option("--allow-accuracy-drop", is_flag=True,
@@ -24,6 +24,12 @@ def export_command(checkpoint, out, precision, force, no_drift_report, allow_acc
     that accuracy guard the export is still written but the command exits 1, unless --allow-accuracy-drop."""
     import json
 
+    from ..extras import require_export_extra
+
+    try:
+        require_export_extra("segllm-edge export")
+    except SegLLMError as exc:
+        raise click.ClickException(str(exc))
     import segllm_edge
 
     from .drift import format_drift

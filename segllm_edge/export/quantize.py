@@ -17,12 +17,12 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from ..errors import AccuracyGuardError, BackendError, CheckpointError
+from ..errors import AccuracyGuardError, CheckpointError
 from .drift import DriftProbe, compare_rounds, format_drift, guard, run_probe
+from ..contracts.manifest import Manifest, kv_names
+from ..contracts.precisions import EXPORT_PRECISIONS as PRECISIONS
 from .files import graph_sizes, has_external_data, replace_graph, save_graph
-from .manifest import Manifest, kv_names
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 FP16_GRAPHS = ("vision_encoder", "mask_encoder", "llm", "seg_head")
 FP16_KEEP_FP32_OPS = ["LayerNormalization", "SimplifiedLayerNormalization", "ReduceMean", "Pow", "Sqrt",
                       "Reciprocal", "Softmax", "Cos", "Sin"]
@@ -32,12 +32,9 @@ REPORT_FILE = "drift_report.json"
 
 def _require_onnxruntime():
     # the quantizers are part of onnxruntime (either the cpu or the gpu build)
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        raise BackendError("reduced-precision exports use onnxruntime's converters, and onnxruntime is not "
-                           "installed: `pip install 'segllm-edge[cpu]'` (or 'segllm-edge[gpu]' on an NVIDIA GPU "
-                           f"machine) (import error: {exc})") from None
+    from ..contracts.ort import require_onnxruntime
+
+    return require_onnxruntime()
 
 
 def to_fp16(path: Path, keep_fp32_io: bool | list[str] = True, keep_fp32_nodes: list[str] | None = None) -> None:

@@ -30,14 +30,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ...contracts.engines import BOS_PREFIX_FILE, DEFAULT_ENGINES_SUBDIR, STRONG, api_generation, require_tensorrt
+from ...contracts.precisions import ENGINE_PRECISIONS as PRECISIONS
 from ...errors import BackendError, CheckpointError
-from .trt_import import STRONG, api_generation
-from .trt_import import INSTALL_HINT, require_tensorrt  # noqa: F401  (the builder's public names)
 
-PRECISIONS = ("fp16", "bf16", "fp8", "int8")
 DEFORM_ATTN_MODES = ("gridsample", "plugin")
-DEFAULT_ENGINES_SUBDIR = "engines"
-BOS_PREFIX_FILE = "llm_bos_prefix.npz"
 DEFAULT_FP32_GRAPHS = ("mask_backbone", "mask_decoder")   # HIPIE: fp32 in the research code too
 
 
@@ -154,9 +151,9 @@ def plan_build(export_dir, precision: str = "fp16", options: BuildOptions | None
     Raises CheckpointError for a bad export and BackendError for combinations that cannot work."""
     import onnx
 
-    from ..manifest import Manifest
+    from ...contracts.manifest import Manifest
     from .ops import check_graph
-    from .profiles import ProfileLimits, check_profiles, make_profiles
+    from ...contracts.engine_profiles import ProfileLimits, check_profiles, make_profiles
 
     options = options or BuildOptions()
     if precision not in PRECISIONS:
@@ -228,10 +225,10 @@ def write_bos_prefix(export_dir, out_path) -> Path:
     llm graph: the TensorRT backend starts every KV cache with them (``empty_past='bos_prefix'``)."""
     import numpy as np
 
-    from ...modeling.tokenizer import SegLLMTokenizer
-    from ...runtime.ort_backend import require_onnxruntime
-    from ..manifest import Manifest, kv_names
-    from .cache import file_sha256
+    from ...pipeline.tokenizer import SegLLMTokenizer
+    from ...contracts.ort import require_onnxruntime
+    from ...contracts.manifest import Manifest, kv_names
+    from ...contracts.engines import file_sha256
 
     folder = Path(export_dir)
     man = Manifest.load(folder)
@@ -276,8 +273,8 @@ def strongly_typed(trt, options: BuildOptions) -> bool:
 
 def _build_one(trt, logger, plan: GraphPlan, device, options: BuildOptions, timing_blob: bytes | None,
                out: Path | None = None):
-    from .profiles import input_shapes
-    from ..manifest import Manifest
+    from ...contracts.engine_profiles import input_shapes
+    from ...contracts.manifest import Manifest
 
     flags = 0
     strong = strongly_typed(trt, options)
@@ -354,8 +351,8 @@ def build_engines(export_dir, precision: str = "fp16", out_dir=None, workspace_g
     trt = require_tensorrt()  # before anything slow: the plain message is the point
     options = options or BuildOptions()
     options.workspace_gb = workspace_gb
-    from .cache import EngineKey, current_device, engine_path, file_sha256, file_stamp, write_sidecar
-    from .profiles import profile_hash, profiles_to_json
+    from ...contracts.engines import EngineKey, current_device, engine_path, file_sha256, file_stamp, write_sidecar
+    from ...contracts.engine_profiles import profile_hash, profiles_to_json
 
     device = current_device()
     if precision == "bf16" and tuple(device.compute_capability) < (8, 0):
@@ -421,7 +418,7 @@ def publish_for_triton(export_dir, built: dict, empty_past: str = "bos_prefix", 
     import os
     import shutil
 
-    from .cache import read_sidecar
+    from ...contracts.engines import read_sidecar
 
     folder = Path(export_dir) / "tensorrt"
     folder.mkdir(parents=True, exist_ok=True)

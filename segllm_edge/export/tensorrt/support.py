@@ -10,9 +10,9 @@ def parser_support(plans) -> dict[str, list[str]] | None:
         import tensorrt as trt
     except (ImportError, OSError):
         return None
-    from .trt_import import check_version
+    from ...contracts.engines import check_trt_version
 
-    check_version(str(trt.__version__))
+    check_trt_version(str(trt.__version__))
     logger = trt.Logger(trt.Logger.WARNING)
     out: dict[str, list[str]] = {}
     for plan in plans:

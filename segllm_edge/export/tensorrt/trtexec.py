@@ -24,7 +24,7 @@ def trtexec_command(plan, spec, options, strong: bool, engine: Path, onnx_path: 
                     timing_cache: Path | None = None) -> list[str]:
     """argv of ``trtexec`` for one GraphPlan (``spec``: its manifest GraphSpec; ``onnx_path``: the file the
     network is parsed from, the typed copy for strongly typed builds)."""
-    from .profiles import input_shapes
+    from ...contracts.engine_profiles import input_shapes
 
     cmd = ["trtexec", f"--onnx={onnx_path or plan.onnx}", f"--saveEngine={engine}"]
     if strong:
@@ -61,9 +61,9 @@ def format_command(argv: list[str]) -> str:
 def print_commands(export_dir, precision: str, options, out_dir=None) -> list[str]:
     """One trtexec command per planned graph (TensorRT 11's strongly typed form when the installed tensorrt is
     11 or later, or ``options.strongly_typed``; TensorRT 10's flags otherwise, also when none is installed)."""
-    from ..manifest import Manifest
+    from ...contracts.manifest import Manifest
     from .builder import DEFAULT_ENGINES_SUBDIR, plan_build
-    from .trt_import import STRONG, api_generation
+    from ...contracts.engines import STRONG, api_generation
 
     try:
         import tensorrt as trt

@@ -1,4 +1,4 @@
-"""The bundled demo image and its scripted conversation (the demo, the benchmarks and the drift report use them)."""
+"""The bundled demo image and the conversation the demo, the drift report and the load benchmarks run."""
 from __future__ import annotations
 
 from importlib import resources
