@@ -7,11 +7,7 @@ import io
 import json
 import os
 import shutil
-import threading
 import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +20,7 @@ pytest.importorskip("uvicorn")
 from segllm_edge.drawing import FILL_ALPHA, Mark, legend_image, outline, round_color, round_layer, tag_positions  # noqa: E402
 from segllm_edge.web.cli import bind  # noqa: E402
 from segllm_edge.web.conversations import ConversationStore, LocalEngine, RemoteEngine  # noqa: E402
-
-ROUND_TIMEOUT_S = 300   # one round of the golden model takes seconds on 2 idle cores; a loaded machine is slower
+from web_helpers import ROUND_TIMEOUT_S, ask, call, live_server  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- drawing
@@ -99,44 +94,6 @@ def web_model(golden_export):
     import segllm_edge
 
     return segllm_edge.load(golden_export, backend="onnxruntime")
-
-
-@contextmanager
-def live_server(store, expire_every=None):
-    import uvicorn
-
-    from segllm_edge.web.app import create_app
-
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(store, expire_every=expire_every), log_level="warning"))
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and t.is_alive(), "the web server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        t.join(20)
-        sock.close()
-
-
-def call(url, method="GET", data=None, headers=None):
-    """(status, parsed JSON or bytes) of one request; error statuses are answers too."""
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=ROUND_TIMEOUT_S) as res:
-            status, body, ctype = res.status, res.read(), res.headers.get("content-type", "")
-    except urllib.error.HTTPError as exc:
-        status, body, ctype = exc.code, exc.read(), exc.headers.get("content-type", "")
-    return status, (json.loads(body) if "json" in ctype else body)
-
-
-def ask(base, cid, question):
-    return call(f"{base}/api/conversations/{cid}/rounds", "POST", json.dumps({"question": question}).encode(),
-                {"Content-Type": "application/json"})
 
 
 class Clock:
@@ -366,3 +323,24 @@ def test_browser_upload_two_rounds_with_reference_errors_and_second_user(browser
     q = el("#question")
     q.send_keys("Segment the green triangle.\n")
     wait(lambda: "not answering" in error_text(), what="a stopped server was not reported")
+
+
+# ------------------------------------------------------------------------------------------- command
+def test_web_command_refuses_bad_arguments_before_loading(tmp_path):
+    from click.testing import CliRunner
+
+    from segllm_edge.cli import main
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["web", "--help"])
+    assert r.exit_code == 0 and "--connect" in r.output and "7860" in r.output and "127.0.0.1" in r.output
+    r = runner.invoke(main, ["web", "--checkpoint", str(tmp_path), "--export", str(tmp_path)])
+    assert r.exit_code != 0 and "one of --checkpoint, --export or --connect" in r.output
+    held = bind("127.0.0.1", 0)
+    try:
+        r = runner.invoke(main, ["web", "--checkpoint", str(tmp_path / "none"), "--port", str(held.getsockname()[1])])
+        assert r.exit_code != 0 and "already in use" in r.output
+    finally:
+        held.close()
+    r = runner.invoke(main, ["web", "--checkpoint", str(tmp_path / "none"), "--port", "0"])
+    assert r.exit_code != 0 and "no such checkpoint" in r.output and "Traceback" not in r.output

@@ -91,7 +91,8 @@ def _hex(c) -> str:
 def _round_json(cid: str, r) -> dict:
     k = int(r.round)
     mask = np.asarray(r.mask, dtype=bool)
-    timings = {s: round(float(v), 2) for s, v in r.timings.items()}
+    # numbers only: a remote round also reports nested details (e.g. per-graph "calls")
+    timings = {s: round(float(v), 2) for s, v in r.timings.items() if isinstance(v, (int, float))}
     staged = {s: timings[s] for s in CHART_STAGES if s in timings}
     base = f"/api/conversations/{cid}/rounds/{k}"
     return {
