@@ -114,4 +114,8 @@ def web_command(checkpoint, export_dir, connect, host, port, backend, dtype, max
                f"{max_conversations} conversations, idle ones end after {idle_timeout:.0f} s). Ctrl-C stops it.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:   # uvicorn shuts down cleanly, then re-raises the Ctrl-C it caught
+        pass
+    click.echo("web demo stopped")
