@@ -45,7 +45,7 @@ from ..drawing import legend_image, round_color, to_png
 from ..errors import (BackendError, ContextOverflowError, ImageError, QuestionError, RoundReferenceError, SegLLMError,
                       SessionError)
 from ..runtime.profiler import STAGES
-from .conversations import BusyError, CapacityError, ConversationStore, decode_upload
+from .conversations import MAX_UPLOAD_BYTES, BusyError, CapacityError, ConversationStore, decode_upload
 
 log = logging.getLogger("segllm_edge.web")
 
@@ -82,6 +82,21 @@ def _api(fn):
                                           "try again or start a new conversation", "kind": "InternalError"},
                                 status_code=500)
     return wrapper
+
+
+async def _read_limited(request: Request, limit: int, name: str) -> bytes:
+    """The request body, refused with ImageError as soon as it exceeds ``limit`` bytes (never held whole)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ImageError(f"{name!r} is {int(declared) / 2**20:.1f} MiB, over this demo's limit of "
+                         f"{limit / 2**20:.0f} MiB")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ImageError(f"{name!r} is over this demo's limit of {limit / 2**20:.0f} MiB")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _hex(c) -> str:
@@ -142,7 +157,7 @@ def create_app(store: ConversationStore, expire_every: float | None = None) -> S
         return JSONResponse({"model": info, "max_conversations": store.max_conversations,
                              "idle_timeout_s": store.idle_timeout, "live_conversations": len(store),
                              "stages": list(CHART_STAGES), "demo_questions": list(DEMO_QUESTIONS),
-                             "max_question_chars": MAX_QUESTION_CHARS})
+                             "max_question_chars": MAX_QUESTION_CHARS, "max_upload_bytes": MAX_UPLOAD_BYTES})
 
     @_api
     async def new_conversation(request):
@@ -150,8 +165,8 @@ def create_app(store: ConversationStore, expire_every: float | None = None) -> S
             path = demo_image()
             data, name = path.read_bytes(), path.name
         else:
-            data = await request.body()
             name = unquote(request.headers.get("x-filename", "upload"))[:200]
+            data = await _read_limited(request, MAX_UPLOAD_BYTES, name)
         image = await to_thread.run_sync(decode_upload, data, name)
         conv = await to_thread.run_sync(store.create, image, name)
         log.info("conversation %s… opened (%s, %dx%d); %d live", conv.id[:6], name, conv.rgb.shape[1],

@@ -47,6 +47,13 @@ function clearError() { $("error").hidden = true; $("error-text").textContent = 
 // ---------------------------------------------------------------- conversation
 async function startConversation(file) {
   clearError();
+  const limit = state.info ? state.info.max_upload_bytes : 0;
+  if (file && limit && file.size > limit) {   // the server refuses it too; this spares the upload
+    showError(`'${file.name}' is ${(file.size / 2 ** 20).toFixed(1)} MiB, over this demo's limit of ` +
+              `${Math.round(limit / 2 ** 20)} MiB`);
+    $("file-input").value = "";
+    return;
+  }
   setBusy(true);
   try {
     const conv = file
