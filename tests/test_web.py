@@ -290,7 +290,19 @@ def test_browser_upload_two_rounds_with_reference_errors_and_second_user(browser
         wait(lambda: layer_pixels(2) > 0, what="round 2's overlay did not appear")
         assert len(drv.find_elements(By.CSS_SELECTOR, "#layers img")) == 2
         assert drv.find_elements(By.CSS_SELECTOR, 'li.round[data-round="2"] .chart .seg'), "no latency chart"
-        assert el("#dl-json").get_attribute("href").endswith("/conversation.json")
+        # the downloads the page links to: masks (zip of PNGs), the overlay with its legend, the conversation
+        import base64
+        import zipfile
+
+        st, z = call(el("#dl-masks").get_attribute("href"))
+        names = zipfile.ZipFile(io.BytesIO(z)).namelist()
+        assert st == 200 and names == ["round1_mask.png", "round2_mask.png"]
+        st, png = call(el("#dl-overlay").get_attribute("href"))
+        assert st == 200 and Image.open(io.BytesIO(png)).size[1] > 480
+        st, doc = call(el("#dl-json").get_attribute("href"))
+        assert st == 200 and [r["refs"] for r in doc["rounds"]] == [[], [1]]
+        m2 = np.asarray(Image.open(io.BytesIO(base64.b64decode(doc["rounds"][1]["mask_png_base64"])))) > 0
+        assert np.array_equal(m2, conv.results[1].mask)
 
         # earlier rounds toggle; clicking a round's number refers to it too
         el('li.round[data-round="1"] .toggle').click()

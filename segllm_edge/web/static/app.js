@@ -80,7 +80,6 @@ function showConversation(conv) {
   $("start").hidden = true;
   $("stage").hidden = false;
   $("stage-hint").hidden = false;
-  $("downloads").hidden = false;
   const base = `/api/conversations/${conv.id}`;
   $("dl-masks").href = `${base}/masks.zip`;
   $("dl-overlay").href = `${base}/overlay.png`;
@@ -104,7 +103,6 @@ function endConversation(quiet) {
   $("base").removeAttribute("src");
   $("stage").hidden = true;
   $("stage-hint").hidden = true;
-  $("downloads").hidden = true;
   $("start").hidden = false;
   $("suggestions").innerHTML = "";
   $("question").value = "";
@@ -273,7 +271,10 @@ function setBusy(b) {
   for (const btn of $("suggestions").children) btn.disabled = !ready;
 }
 
-function updateEmpty() { $("empty-chat").hidden = $("rounds").children.length > 0; }
+function updateEmpty() {
+  $("empty-chat").hidden = $("rounds").children.length > 0;
+  $("downloads").hidden = !state.conv || !state.rounds.length;   // nothing to download before round 1
+}
 
 function showSuggestions(questions) {
   const box = $("suggestions");
