@@ -112,6 +112,9 @@ def web_command(checkpoint, export_dir, connect, host, port, backend, dtype, max
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"SegLLM web demo: http://{shown}:{sock.getsockname()[1]}/  ({engine.describe()}; up to "
                f"{max_conversations} conversations, idle ones end after {idle_timeout:.0f} s). Ctrl-C stops it.")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"note: listening on {host}: anyone who can reach this machine there can use the demo "
+                   "(it has no login)", err=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     try:
