@@ -1,9 +1,11 @@
 """``segllm-edge web``: the browser chat demo (Starlette app served by uvicorn)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
+import time
 from pathlib import Path
 
 import click
@@ -50,8 +52,6 @@ def make_engine(checkpoint: Path | None, export: Path | None, connect: str | Non
         return RemoteEngine(client)
     import segllm_edge
 
-    from ..cli import _Step
-
     if export is not None:
         path, backend = export, backend or "onnxruntime"
     elif checkpoint is not None:
@@ -61,12 +61,24 @@ def make_engine(checkpoint: Path | None, export: Path | None, connect: str | Non
 
         path, backend = workdir / "tiny-checkpoint", backend or "torch"
         if not (path / "config.json").exists():
-            with _Step(f"building a tiny checkpoint in {path}"):
+            with _step(f"building a tiny checkpoint in {path}"):
                 make_tiny_checkpoint(path, force=True)
-    with _Step(f"loading {path} ({backend})"):
+    with _step(f"loading {path} ({backend})"):
         kwargs = {"dtype": dtype} if backend in ("torch", "cuda") and dtype else {}
         model = segllm_edge.load(path, backend=backend, **kwargs)
     return LocalEngine(model, max_kv_bytes=max_kv_bytes)
+
+
+@contextlib.contextmanager
+def _step(what: str):
+    click.echo(f"{what} …", nl=False, err=True)
+    t0 = time.perf_counter()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        click.echo(f" {'done' if ok else 'failed'} in {time.perf_counter() - t0:.1f}s", err=True)
 
 
 @click.command("web")
