@@ -41,6 +41,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..contracts.demo import DEMO_QUESTIONS, demo_image
 from ..drawing import legend_image, round_color, to_png
 from ..errors import (BackendError, ContextOverflowError, ImageError, QuestionError, RoundReferenceError, SegLLMError,
                       SessionError)
@@ -130,8 +131,6 @@ def _conversation_json(conv, info: str) -> dict:
 
 def create_app(store: ConversationStore, expire_every: float | None = None) -> Starlette:
     """The demo's ASGI app over ``store``; idle conversations are also swept every ``expire_every`` s."""
-    from ..cli import DEMO_QUESTIONS, demo_image
-
     info = store.engine.describe()
     sweep = expire_every if expire_every is not None else max(1.0, min(30.0, store.idle_timeout / 4))
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import click
 
+from ..contracts.backends import BACKENDS
 from ..errors import SegLLMError
-
-_BACKENDS = ("torch", "onnxruntime", "cuda", "tensorrt")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -52,20 +51,19 @@ def make_engine(checkpoint: Path | None, export: Path | None, connect: str | Non
         return RemoteEngine(client)
     import segllm_edge
 
-    if export is not None:
-        path, backend = export, backend or "onnxruntime"
-    elif checkpoint is not None:
-        path, backend = checkpoint, backend or "torch"
-    else:
+    path = export if export is not None else checkpoint
+    if path is None:
+        from ..extras import require_export_extra
+
+        require_export_extra("the web demo without --checkpoint/--export/--connect (it runs a tiny checkpoint)")
         from ..tiny import make_tiny_checkpoint
 
-        path, backend = workdir / "tiny-checkpoint", backend or "torch"
+        path = workdir / "tiny-checkpoint"
         if not (path / "config.json").exists():
             with _step(f"building a tiny checkpoint in {path}"):
                 make_tiny_checkpoint(path, force=True)
-    with _step(f"loading {path} ({backend})"):
-        kwargs = {"dtype": dtype} if backend in ("torch", "cuda") and dtype else {}
-        model = segllm_edge.load(path, backend=backend, **kwargs)
+    with _step(f"loading {path} ({backend or 'backend from the folder'}, {dtype})"):
+        model = segllm_edge.load(path, backend=backend, dtype=dtype)   # an export: onnxruntime, a checkpoint: torch
     return LocalEngine(model, max_kv_bytes=max_kv_bytes)
 
 
@@ -90,9 +88,9 @@ def _step(what: str):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to listen on (0.0.0.0: every interface; the demo has no login)")
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--backend", default=None, type=click.Choice(_BACKENDS),
-              help="default: torch for a checkpoint, onnxruntime for an export")
-@click.option("--dtype", default="fp32", show_default=True, help="torch backend dtype")
+@click.option("--backend", default=None, type=click.Choice(BACKENDS),
+              help="default: from the folder (torch for a checkpoint, onnxruntime for an export)")
+@click.option("--dtype", default="auto", show_default=True, help="torch backend dtype (an export runs as exported)")
 @click.option("--max-conversations", default=8, show_default=True, type=click.IntRange(1),
               help="live conversations (browser users) at once; one more is refused with a message")
 @click.option("--idle-timeout", default=600.0, show_default=True, type=click.FloatRange(1),
