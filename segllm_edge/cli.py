@@ -91,6 +91,8 @@ def _run_rounds(model, image, questions, reuse: bool, out: Path | None):
 
     s = model.session(image, reuse=reuse)
     rows = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     for i, q in enumerate(questions, 1):
         r = s.ask(q)
         rows.append(r.timings)
@@ -98,11 +100,22 @@ def _run_rounds(model, image, questions, reuse: bool, out: Path | None):
         where = f"mask {int(r.mask.sum())} px, box [{', '.join(f'{v:.0f}' for v in r.box)}]" if len(ys) else "empty mask"
         click.echo(f"round {i}: {q!r} → {where}  ({sum(r.timings.values()):.0f} ms)")
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
             Image.fromarray(r.overlay(s.rgb)).save(out / f"round{i}_overlay.png")
             Image.fromarray((r.mask * 255).astype("uint8")).save(out / f"round{i}_mask.png")
+    if out is not None:
+        _save_legend(s, out)
     click.echo(timings_table(rows, title=f"per-stage latency (ms), {'with reuse' if reuse else 'no reuse'}:"))
     return s, rows
+
+
+def _save_legend(s, out: Path) -> None:
+    """``all_rounds.png``: every round's mask, box and number on the image, with a legend of the questions."""
+    from PIL import Image
+
+    from .drawing import legend_image, mark_of
+
+    if s.results:
+        Image.fromarray(legend_image(s.rgb, [mark_of(r) for r in s.results])).save(out / "all_rounds.png")
 
 
 @main.command()
@@ -148,7 +161,7 @@ def demo(checkpoint, export_dir, workdir, backend, dtype, json_out):
         _, rows = _run_rounds(model, demo_image(), DEMO_QUESTIONS, reuse=True, out=workdir / "overlays")
     except SegLLMError as exc:
         _fail(exc)
-    click.echo(f"overlays written to {workdir / 'overlays'}")
+    click.echo(f"overlays written to {workdir / 'overlays'} (all_rounds.png: every round with a legend)")
     if json_out:
         json_out.write_text(timings_json(rows))
 
@@ -197,6 +210,7 @@ def chat(checkpoint, export_dir, image, backend, dtype, out, no_reuse, questions
 
             out.mkdir(parents=True, exist_ok=True)
             Image.fromarray(r.overlay(s.rgb)).save(out / f"round{r.round}_overlay.png")
+            _save_legend(s, out)
 
 
 @main.command()
@@ -272,8 +286,9 @@ def _register() -> None:
     from .export.cli import export_command
     from .export.tensorrt.cli import build_engines_command
     from .serving.cli import serve_command, triton_repo_command
+    from .web.cli import web_command
 
-    for cmd in (export_command, build_engines_command, triton_repo_command, serve_command):
+    for cmd in (export_command, build_engines_command, triton_repo_command, serve_command, web_command):
         main.add_command(cmd)
 
 
