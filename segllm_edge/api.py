@@ -7,7 +7,7 @@ import torch
 
 from .errors import BackendError, CheckpointError
 
-BACKENDS = ("torch", "onnxruntime", "cuda", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "cuda", "tensorrt")
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -41,7 +41,11 @@ class SegLLM:
 
     def __repr__(self) -> str:
         i = self.info
-        return (f"SegLLM(backend={self.backend.name}, hidden={i.hidden_size}, layers={i.num_layers}, "
+        path = getattr(self.backend, "cpu_path", None)  # set when load() chose the CPU path itself
+        chosen = f", path={path} (default for this CPU)" if path else ""
+        precision = getattr(self.backend, "precision", None)
+        prec = f", precision={precision}" if precision else ""
+        return (f"SegLLM(backend={self.backend.name}{chosen}{prec}, hidden={i.hidden_size}, layers={i.num_layers}, "
                 f"clip={i.clip_hidden}, dtype={i.dtype})")
 
 
@@ -70,11 +74,14 @@ def _require_ort_cuda() -> None:
                            "Jetson, NVIDIA's onnxruntime-gpu wheel for your JetPack) on a machine with an NVIDIA GPU")
 
 
-def load(path: str | Path, backend: str = "torch", dtype=None, device: str = "cpu",
+def load(path: str | Path, backend: str | None = None, dtype=None, device: str = "cpu",
          use_stored_gammas: bool = False, **kwargs) -> SegLLM:
     """Load a SegLLM checkpoint or export folder on one of :data:`BACKENDS`:
 
     * ``"torch"``: a checkpoint folder, PyTorch on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) in ``dtype``;
+    * no ``backend`` on an export folder and the CPU: the fastest CPU path that is exact or passed the accuracy
+      guard (:func:`segllm_edge.runtime.cpu_paths.default_cpu_path`; ``repr(model)`` names it);
+    * ``"openvino"``: an export folder on OpenVINO's CPU plugin (``hipie_precision="fp32"|"bf16"``);
     * ``"onnxruntime"``: an export folder (``segllm-edge export``) on ``device`` (``"cpu"`` or ``"cuda"``:
       the CUDA execution provider of onnxruntime-gpu);
     * ``"cuda"``: the GPU whatever the folder is: an export folder (it has ``manifest.json``) runs on
@@ -90,6 +97,14 @@ def load(path: str | Path, backend: str = "torch", dtype=None, device: str = "cp
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no such checkpoint or export folder: {path}")
+    if backend is None and _is_export(path) and str(device) == "cpu":
+        from .runtime.cpu_paths import default_cpu_path
+
+        chosen = default_cpu_path(path)
+        model = chosen.load(path, **kwargs)
+        model.backend.cpu_path = chosen.name
+        return model
+    backend = backend or "torch"
     if backend == "cuda":
         dev = device if str(device).startswith("cuda") else "cuda"
         if _is_export(path):
@@ -113,6 +128,10 @@ def load(path: str | Path, backend: str = "torch", dtype=None, device: str = "cp
         except ImportError as exc:
             raise BackendError(f"the onnxruntime backend is not available here: {exc}") from None
         return SegLLM(OrtBackend.from_export(path, device=device, **kwargs))
+    if backend == "openvino":
+        from .runtime.openvino_backend import OpenVinoBackend
+
+        return SegLLM(OpenVinoBackend.from_export(path, device=device, **kwargs))
     if backend == "tensorrt":
         from .runtime.trt_backend import TrtBackend
 

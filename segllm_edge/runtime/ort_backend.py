@@ -82,7 +82,10 @@ class OrtBackend:
         self._dtypes = {name: {t.name: np.dtype(t.dtype) for t in g.inputs} for name, g in manifest.graphs.items()}
 
     @classmethod
-    def from_export(cls, path, device: str = "cpu", threads: int | None = None, **_ignored) -> "OrtBackend":
+    def from_export(cls, path, device: str = "cpu", threads: int | None = None, hipie_int8: bool = False,
+                    **_ignored) -> "OrtBackend":
+        """``hipie_int8``: run ``mask_decoder.int8.onnx`` (INT8 feed-forward, written by
+        :func:`segllm_edge.export.hipie_quant.quantize_hipie_int8`) instead of the fp32 mask decoder."""
         ort = require_onnxruntime()
         folder = Path(path)
         manifest = Manifest.load(folder)
@@ -93,9 +96,17 @@ class OrtBackend:
         opts.log_severity_level = 3
         providers = _providers(device)
         sessions = {}
+        files = {name: g.file for name, g in manifest.graphs.items()}
+        if hipie_int8:
+            from ..export.hipie_quant import int8_path
+
+            files["mask_decoder"] = int8_path(Path(files["mask_decoder"])).name
+            if not (folder / files["mask_decoder"]).is_file():
+                raise CheckpointError(f"{folder} has no {files['mask_decoder']}: write it with "
+                                      "`segllm_edge.export.hipie_quant.quantize_hipie_int8`")
         for name, g in manifest.graphs.items():
             try:
-                sessions[name] = ort.InferenceSession(str(folder / g.file), sess_options=opts, providers=providers)
+                sessions[name] = ort.InferenceSession(str(folder / files[name]), sess_options=opts, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
                 raise CheckpointError(f"cannot load graph {name} from {folder / g.file}: {exc}") from None
             if providers[0] != "CPUExecutionProvider" and sessions[name].get_providers()[0] != "CUDAExecutionProvider":
@@ -107,6 +118,14 @@ class OrtBackend:
             want = [t.name for t in g.inputs]
             if got != want:
                 raise CheckpointError(f"graph {g.file} has inputs {got}, the manifest says {want}: re-export")
+        backend = cls.from_sessions(folder, manifest, sessions)
+        if hipie_int8:
+            backend.precision = f"{manifest.precision}+hipie-int8"
+        return backend
+
+    @classmethod
+    def from_sessions(cls, folder: Path, manifest: Manifest, sessions: dict):
+        """The backend over already opened graph sessions (anything with ``run(None, feeds)``)."""
         try:
             embed = np.load(folder / manifest.arrays["embed_tokens"], mmap_mode="r")
         except (ValueError, OSError) as exc:
