@@ -53,9 +53,9 @@ def test_accuracy_guard_records_per_round_iou(golden_export, tmp_path):
     export = _linked_copy(golden_export, tmp_path)
     if C.OV_BF16 not in C.available_cpu_paths(export):
         pytest.skip("this CPU has no bf16")
-    rep = C.accuracy_guard(export, paths=[C.OV_BF16], questions=GOLDEN_QUESTIONS[:2])
+    rep = C.accuracy_guard(export, paths=[C.OV_BF16], questions=GOLDEN_QUESTIONS[:1])
     rec = rep["paths"]["openvino-bf16"]
-    assert len(rec["mask_iou_per_round"]) == 2 and 0.0 <= rec["worst"] <= 1.0
+    assert len(rec["mask_iou_per_round"]) == 1 and 0.0 <= rec["worst"] <= 1.0
     assert rec["passed"] == (rec["worst"] >= C.GUARD_MIN_IOU) and rec["cpu"] == C.cpu_name()
     assert json.loads((export / C.GUARD_FILE).read_text())["paths"]["openvino-bf16"] == rec
     assert C.guard_passed(export, C.OV_BF16) == rec["passed"]
@@ -82,7 +82,8 @@ def test_hipie_int8_quantizes_only_the_feed_forward(golden_export, tmp_path):
     q = onnx.load(str(out))
     ops = [n.op_type for n in q.graph.node]
     assert ops.count("MatMulInteger") == 24
-    assert ops.count("GridSample") == 48 and ops.count("MatMul") == sum(n.op_type == "MatMul" for n in fp32.graph.node) - 24
+    assert ffn_matmuls(q) == [] and ops.count("GridSample") == 48
+    assert ops.count("MatMul") >= sum(n.op_type == "MatMul" for n in fp32.graph.node) - 24   # the rest stays fp32
     assert C.ORT_INT8 in C.available_cpu_paths(export)
     assert C.default_cpu_path(export) == C.OV_FP32               # not a default without a passing guard
     model = segllm_edge.load(export, backend="onnxruntime", hipie_int8=True)
