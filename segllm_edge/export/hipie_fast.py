@@ -51,18 +51,7 @@ def ms_deform_attn_fast(value: torch.Tensor, spatial_shapes: Sequence[tuple[int,
 class FastMSDeformAttn(MSDeformAttn):
     """:class:`MSDeformAttn` with :func:`ms_deform_attn_fast` (same parameters, same outputs up to rounding)."""
 
-    def forward(self, query, reference_points, value_in, spatial_shapes, offset_normalizer=None):
-        n, lq, _ = query.shape
-        m, l, p = self.n_heads, self.n_levels, self.n_points
-        value = self.value_proj(value_in).view(n, value_in.shape[1], m, self.d_model // m)
-        offsets = self.sampling_offsets(query).view(n, lq, m, l, p, 2)
-        weights = F.softmax(self.attention_weights(query).view(n, lq, m, l * p), -1).view(n, lq, m, l, p)
-        if reference_points.shape[-1] == 2:
-            loc = reference_points[:, :, None, :, None, :] + offsets / offset_normalizer[None, None, None, :, None, :]
-        else:
-            loc = (reference_points[:, :, None, :, None, :2]
-                   + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5)
-        return self.output_proj(ms_deform_attn_fast(value, spatial_shapes, loc, weights))
+    core = staticmethod(ms_deform_attn_fast)
 
 
 _VARIANTS: dict[type, type] = {MSDeformAttn: FastMSDeformAttn}
