@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	# [cpu]: the onnxruntime CPU build; on a GPU machine use [gpu] instead (never both: same module)
 	# [openvino]: the fastest CPU path, the default of load(export) on a CPU (its tests run in CI)
-	$(PIP) install -q -e ".[cpu,openvino,test,serve,bench]"
+	$(PIP) install -q -e ".[cpu,openvino,export,test,serve,bench]"
 	touch $@
 
 demo: install

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BackendError, ImageError, QuestionError, SegLLMError, SessionError
-from .serving.wire import ERROR_CLASSES, OUTPUT_NAMES, decode_mask_png, parse_bracketed
+from .contracts.serving import OUTPUT_NAMES
+from .serving.wire import ERROR_CLASSES, decode_mask_png, parse_bracketed
 #: Triton's own words for a non-START request on a correlation id it does not know
 _LOST = ("must specify the start flag", "inference request for unknown sequence", "sequence batcher")
 
@@ -54,7 +55,7 @@ def _image_bytes(image) -> bytes:
     from PIL import Image
 
     if isinstance(image, np.ndarray):
-        from .modeling.preprocess import load_image
+        from .pipeline.images import load_image
 
         image = Image.fromarray(load_image(image))
     if isinstance(image, Image.Image):
@@ -172,7 +173,7 @@ class RemoteSession:
         timings["client_round_trip"] = rtt
         if "bls_total" in timings:
             timings["transport"] = max(0.0, rtt - timings["bls_total"])
-        from .modeling.tokenizer import split_refs
+        from .pipeline.tokenizer import split_refs
 
         text, inline = split_refs(question)
         merged = list(refs or []) + [x for x in inline if x not in (refs or [])]

@@ -3,7 +3,7 @@ import onnx
 import torch
 
 from segllm_edge.export.hipie_fast import FastMSDeformAttn, fast_hipie, ms_deform_attn_fast
-from segllm_edge.export.manifest import Manifest
+from segllm_edge.contracts.manifest import Manifest
 from segllm_edge.modeling.hipie.deform_attn import ms_deform_attn
 from segllm_edge.modeling.hipie.transformer import MSDeformAttn
 

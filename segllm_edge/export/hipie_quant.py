@@ -11,13 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..contracts.hipie_int8 import int8_path
+
 FFN_SHAPES = ((256, 2048), (2048, 256))
-INT8_SUFFIX = ".int8.onnx"
-
-
-def int8_path(fp32_graph: Path) -> Path:
-    p = Path(fp32_graph)
-    return p.with_name(p.name[: -len(".onnx")] + INT8_SUFFIX)
 
 
 def ffn_matmuls(model) -> list[str]:

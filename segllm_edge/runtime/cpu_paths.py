@@ -58,10 +58,10 @@ def cpu_name() -> str:
 def available_cpu_paths(export_dir) -> list[CpuPath]:
     """The paths this machine can run on ``export_dir`` (OpenVINO installed? bf16 in the CPU? an INT8 mask
     decoder written?), fastest first."""
-    from ..export.hipie_quant import int8_path
-    from ..export.manifest import Manifest
+    from ..contracts.hipie_int8 import int8_path
+    from ..contracts.manifest import Manifest
     from .openvino_backend import cpu_has_bf16, openvino_available
-    from .ort_backend import require_onnxruntime
+    from ..contracts.ort import require_onnxruntime
 
     try:
         require_onnxruntime()
@@ -115,11 +115,10 @@ def accuracy_guard(export_dir, paths=None, image=None, questions=None, min_iou: 
                    write: bool = True) -> dict:
     """Run the guard conversation with exact fp32 (onnxruntime) and with each reduced-precision path;
     record per-round mask IoU vs fp32 and pass/fail (every round >= ``min_iou``) in ``cpu_guard.json``."""
-    from ..cli import demo_image
-    from ..export.quantize import DRIFT_QUESTIONS
+    from ..contracts.demo import DEMO_QUESTIONS, demo_image
 
     image = demo_image() if image is None else image
-    questions = tuple(questions or DRIFT_QUESTIONS)
+    questions = tuple(questions or DEMO_QUESTIONS)
     paths = [p for p in (paths or available_cpu_paths(export_dir)) if not p.exact]
     ref = conversation_masks(ORT_FP32.load(export_dir), image, questions)
     report = read_guard(export_dir) if write else {}

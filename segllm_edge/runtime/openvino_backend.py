@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contracts.export_folder import open_export
+from ..contracts.ort import require_onnxruntime
 from ..errors import BackendError, CheckpointError
-from ..export.manifest import Manifest
-from .ort_backend import OrtBackend, require_onnxruntime
+from .ort_backend import OrtBackend
 
 HIPIE_GRAPHS = ("mask_backbone", "mask_decoder")
 HIPIE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -96,9 +97,8 @@ class OpenVinoBackend(OrtBackend):
             raise BackendError(f"unknown hipie_precision {hipie_precision!r}; use one of "
                                f"{', '.join(HIPIE_PRECISIONS)}")
         ov = require_openvino()
-        folder = Path(path)
-        manifest = Manifest.load(folder)
-        manifest.check_files(folder)
+        export = open_export(Path(path))
+        folder, manifest = export.folder, export.manifest
         threads = threads or os.cpu_count() or 1
         if hipie_precision == "bf16" and not cpu_has_bf16():
             raise BackendError("hipie_precision='bf16' needs a CPU with bf16 support (avx512_bf16 or AMX); "
@@ -118,7 +118,7 @@ class OpenVinoBackend(OrtBackend):
             want = [t.name for t in g.inputs]
             if got != want:
                 raise CheckpointError(f"graph {g.file} has inputs {got}, the manifest says {want}: re-export")
-        backend = cls.from_sessions(folder, manifest, sessions)
+        backend = cls.from_sessions(export, sessions)
         backend.hipie_precision = hipie_precision
         backend.precision = manifest.precision if hipie_precision == "fp32" else f"{manifest.precision}+hipie-bf16"
         return backend

@@ -17,13 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contracts.serving import HIPIE_IMAGE, PARAM_CLIP_SIZE, PARAM_GRAPH_FILE, PARAM_THREADS, PIXEL_VALUES
 from ..errors import ImageError
 from .pystub import PythonModel, RequestContext, numpy_dtype
 
-PARAM_GRAPH_FILE = "segllm_graph_file"
-PARAM_GRAPH = "segllm_graph"
-PARAM_THREADS = "segllm_threads"
-PARAM_CLIP_SIZE = "segllm_clip_image_size"
 
 
 def resolve_model_path(value: str, args: dict | None, model_name: str) -> Path:
@@ -82,7 +79,7 @@ def decode_image_bytes(payload) -> np.ndarray:
     """Encoded PNG/JPEG/... bytes → HxWx3 uint8 RGB; :class:`ImageError` for anything unreadable."""
     from PIL import Image, UnidentifiedImageError
 
-    from ..modeling.preprocess import load_image
+    from ..pipeline.images import load_image
 
     if isinstance(payload, np.ndarray):
         payload = payload.reshape(-1)[0] if payload.size else b""
@@ -102,14 +99,13 @@ def decode_image_bytes(payload) -> np.ndarray:
 
 def preprocess_arrays(rgb: np.ndarray, clip_size: int) -> dict[str, np.ndarray]:
     """The tensors :class:`PreprocessModel` returns, for an RGB array."""
-    from ..modeling.hipie.preprocess import hipie_preprocess
-    from ..modeling.preprocess import clip_preprocess
+    from ..pipeline.images import clip_preprocess, hipie_preprocess
 
     clip = clip_preprocess(rgb, clip_size)[None]
     hipie, padded, input_hw = hipie_preprocess(rgb)
     return {
-        "pixel_values": np.ascontiguousarray(clip.numpy(), dtype=np.float32),
-        "hipie_image": np.ascontiguousarray(hipie.numpy(), dtype=np.float32),
+        PIXEL_VALUES: np.ascontiguousarray(clip, dtype=np.float32),
+        HIPIE_IMAGE: np.ascontiguousarray(hipie, dtype=np.float32),
         "resized_padded": np.ascontiguousarray(padded, dtype=np.uint8),
         "input_hw": np.asarray(input_hw, dtype=np.int32),
     }
