@@ -62,6 +62,22 @@ def make_tiny(out, hidden, layers, heads, intermediate, clip_hidden, clip_layers
     click.echo(str(out))
 
 
+def _bench_cpu_paths(export_dir, rounds, repeats, warmup, image, json_out, results_dir):
+    from . import bench as B
+    from .cpu_bench import bench_export, format_paths
+
+    try:
+        report = bench_export(export_dir, image or demo_image(), B.scripted_questions(rounds), repeats=repeats,
+                              warmup=warmup, progress=click.echo)
+    except SegLLMError as exc:
+        _fail(exc)
+    click.echo(f"CPU: {report['cpu']}")
+    click.echo(format_paths(report, report["default_path"]))
+    click.echo(f"saved {B.save_result(report, results_dir, 'cpu_paths')}")
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+
+
 def _need_export_extra(what: str) -> None:
     from .extras import require_export_extra
 
@@ -219,7 +235,7 @@ def chat(checkpoint, export_dir, image, backend, dtype, out, no_reuse, questions
 @click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="export folder (onnxruntime backend)")
 @click.option("--backend", default=None, type=click.Choice(BACKENDS),
-              help="default: torch for --checkpoint, onnxruntime for --export; cuda: the GPU (onnxruntime CUDA "
+              help="default: torch for --checkpoint; for --export every available CPU path side by side; cuda: the GPU (onnxruntime CUDA "
                    "provider for an export, torch on CUDA for a checkpoint); tensorrt: engines from build-engines")
 @click.option("--dtype", default="auto", show_default=True, help="torch backend dtype (an export runs as exported)")
 @click.option("--rounds", default=8, show_default=True)
@@ -239,6 +255,8 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
 
     if checkpoint and export_dir:
         raise click.UsageError("give --checkpoint or --export, not both")
+    if export_dir and backend is None:  # every CPU path of the export side by side
+        return _bench_cpu_paths(export_dir, rounds, repeats, warmup, image, json_out, results_dir)
     try:
         if export_dir:
             path, backend = export_dir, backend or "onnxruntime"
