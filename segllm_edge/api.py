@@ -34,7 +34,11 @@ class SegLLM:
 
     def __repr__(self) -> str:
         i = self.info
-        return (f"SegLLM(backend={self.backend.name}, hidden={i.hidden_size}, layers={i.num_layers}, "
+        path = getattr(self.backend, "cpu_path", None)  # set when load() chose the CPU path itself
+        chosen = f", path={path} (default for this CPU)" if path else ""
+        precision = getattr(self.backend, "precision", None)
+        prec = f", precision={precision}" if precision else ""
+        return (f"SegLLM(backend={self.backend.name}{chosen}{prec}, hidden={i.hidden_size}, layers={i.num_layers}, "
                 f"clip={i.clip_hidden}, dtype={i.dtype})")
 
 
@@ -78,8 +82,11 @@ def load(path: str | Path, backend: str | None = None, dtype="auto", device: str
          use_stored_gammas: bool = False, **kwargs) -> SegLLM:
     """Load a SegLLM checkpoint or export folder on one of :data:`BACKENDS`:
 
-    * ``None`` (default): inferred from the folder: an export (it has ``manifest.json``) runs on
-      ``"onnxruntime"``, a checkpoint folder on ``"torch"``;
+    * ``None`` (default): inferred from the folder: an export (it has ``manifest.json``) on the CPU runs on the
+      fastest CPU path that is exact or passed the accuracy guard
+      (:func:`segllm_edge.runtime.cpu_paths.default_cpu_path`; ``repr(model)`` names it), on a GPU on
+      ``"onnxruntime"``; a checkpoint folder on ``"torch"``;
+    * ``"openvino"``: an export folder on OpenVINO's CPU plugin (``hipie_precision="fp32"|"bf16"``, ``threads=``);
     * ``"torch"``: a checkpoint folder, PyTorch on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) in ``dtype``
       (``"auto"`` = fp32; ``"fp16"``/``"bf16"`` for the LLM and CLIP). Needs the ``[export]`` extra;
     * ``"onnxruntime"``: an export folder (``segllm-edge export``) on ``device`` (``"cpu"`` or ``"cuda"``:
@@ -100,6 +107,13 @@ def load(path: str | Path, backend: str | None = None, dtype="auto", device: str
     if not path.exists():
         raise CheckpointError(f"no such checkpoint or export folder: {path}")
     export = is_export(path)
+    if backend is None and export and str(device) == "cpu" and not kwargs.get("providers"):
+        from .runtime.cpu_paths import default_cpu_path  # the fastest exact or guard-passing CPU path
+
+        chosen = default_cpu_path(path)
+        model = chosen.load(path, dtype=dtype, **kwargs)
+        model.backend.cpu_path = chosen.name
+        return model
     if backend is None:
         backend = "onnxruntime" if export else "torch"
     if backend not in BACKENDS:
@@ -138,6 +152,10 @@ def load(path: str | Path, backend: str | None = None, dtype="auto", device: str
         from .runtime.ort_backend import OrtBackend
 
         return SegLLM(OrtBackend.from_export(path, device=device, **kwargs))
+    if backend == "openvino":
+        from .runtime.openvino_backend import OpenVinoBackend
+
+        return SegLLM(OpenVinoBackend.from_export(path, device=device, **kwargs))
     _no_ort_options(backend, kwargs)
     from .runtime.trt_backend import TrtBackend
 

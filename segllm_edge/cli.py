@@ -63,6 +63,22 @@ def make_tiny(out, hidden, layers, heads, intermediate, clip_hidden, clip_layers
     click.echo(str(out))
 
 
+def _bench_cpu_paths(export_dir, rounds, repeats, warmup, image, json_out, results_dir):
+    from . import bench as B
+    from .cpu_bench import bench_export, format_paths
+
+    try:
+        report = bench_export(export_dir, image or demo_image(), B.scripted_questions(rounds), repeats=repeats,
+                              warmup=warmup, progress=click.echo)
+    except SegLLMError as exc:
+        _fail(exc)
+    click.echo(f"CPU: {report['cpu']}")
+    click.echo(format_paths(report, report["default_path"]))
+    click.echo(f"saved {B.save_result(report, results_dir, 'cpu_paths')}")
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+
+
 def _need_export_extra(what: str) -> None:
     from .extras import require_export_extra
 
@@ -92,6 +108,8 @@ def _run_rounds(model, image, questions, reuse: bool, out: Path | None):
 
     s = model.session(image, reuse=reuse)
     rows = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     for i, q in enumerate(questions, 1):
         r = s.ask(q)
         rows.append(r.timings)
@@ -99,11 +117,22 @@ def _run_rounds(model, image, questions, reuse: bool, out: Path | None):
         where = f"mask {int(r.mask.sum())} px, box [{', '.join(f'{v:.0f}' for v in r.box)}]" if len(ys) else "empty mask"
         click.echo(f"round {i}: {q!r} → {where}  ({sum(r.timings.values()):.0f} ms)")
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
             Image.fromarray(r.overlay(s.rgb)).save(out / f"round{i}_overlay.png")
             Image.fromarray((r.mask * 255).astype("uint8")).save(out / f"round{i}_mask.png")
+    if out is not None:
+        _save_legend(s, out)
     click.echo(timings_table(rows, title=f"per-stage latency (ms), {'with reuse' if reuse else 'no reuse'}:"))
     return s, rows
+
+
+def _save_legend(s, out: Path) -> None:
+    """``all_rounds.png``: every round's mask, box and number on the image, with a legend of the questions."""
+    from PIL import Image
+
+    from .drawing import legend_image, mark_of
+
+    if s.results:
+        Image.fromarray(legend_image(s.rgb, [mark_of(r) for r in s.results])).save(out / "all_rounds.png")
 
 
 @main.command()
@@ -149,7 +178,7 @@ def demo(checkpoint, export_dir, workdir, backend, dtype, json_out):
         _, rows = _run_rounds(model, demo_image(), DEMO_QUESTIONS, reuse=True, out=workdir / "overlays")
     except SegLLMError as exc:
         _fail(exc)
-    click.echo(f"overlays written to {workdir / 'overlays'}")
+    click.echo(f"overlays written to {workdir / 'overlays'} (all_rounds.png: every round with a legend)")
     if json_out:
         json_out.write_text(timings_json(rows))
 
@@ -198,6 +227,7 @@ def chat(checkpoint, export_dir, image, backend, dtype, out, no_reuse, questions
 
             out.mkdir(parents=True, exist_ok=True)
             Image.fromarray(r.overlay(s.rgb)).save(out / f"round{r.round}_overlay.png")
+            _save_legend(s, out)
 
 
 @main.command()
@@ -206,7 +236,7 @@ def chat(checkpoint, export_dir, image, backend, dtype, out, no_reuse, questions
 @click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="export folder (onnxruntime backend)")
 @click.option("--backend", default=None, type=click.Choice(BACKENDS),
-              help="default: torch for --checkpoint, onnxruntime for --export; cuda: the GPU (onnxruntime CUDA "
+              help="default: torch for --checkpoint; for --export every available CPU path side by side; cuda: the GPU (onnxruntime CUDA "
                    "provider for an export, torch on CUDA for a checkpoint); tensorrt: engines from build-engines")
 @click.option("--dtype", default="auto", show_default=True, help="torch backend dtype (an export runs as exported)")
 @click.option("--rounds", default=8, show_default=True)
@@ -226,6 +256,8 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
 
     if checkpoint and export_dir:
         raise click.UsageError("give --checkpoint or --export, not both")
+    if export_dir and backend is None:  # every CPU path of the export side by side
+        return _bench_cpu_paths(export_dir, rounds, repeats, warmup, image, json_out, results_dir)
     try:
         if export_dir:
             path, backend = export_dir, backend or "onnxruntime"
@@ -274,8 +306,10 @@ def _register() -> None:
     from .export.cli import export_command
     from .export.tensorrt.cli import build_engines_command
     from .serving.cli import serve_command, triton_repo_command
+    from .web.cli import web_command
 
-    for cmd in (export_command, build_engines_command, triton_repo_command, serve_command, eval_command):
+    for cmd in (export_command, build_engines_command, triton_repo_command, serve_command, web_command,
+                eval_command):
         main.add_command(cmd)
 
 

@@ -103,3 +103,20 @@ def golden_export_fp16(golden_export, golden_image, tmp_path_factory) -> Path:
     quantize_export(out, "fp16", drift_probe=segllm_edge.drift_probe(golden_image, DRIFT_TEST_QUESTIONS),
                     progress=False)
     return out
+
+
+def pytest_collection_finish(session):
+    """Start building the torch-free venv in the background as soon as a test that needs it is selected."""
+    if any(item.nodeid.startswith("tests/test_torch_free.py") or "test_torch_free.py" in item.nodeid
+           for item in session.items):
+        from torch_free import lean_venv
+
+        lean_venv.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    mod = sys.modules.get("torch_free.lean_venv")
+    if mod is not None:
+        mod.cleanup()

@@ -29,6 +29,10 @@ def test_demo_runs_three_rounds_and_writes_overlays(runner, tmp_path, golden_ckp
     assert "round 3:" in r.output and "per-stage latency" in r.output
     assert sorted(p.name for p in (tmp_path / "overlays").glob("*overlay.png")) == [
         "round1_overlay.png", "round2_overlay.png", "round3_overlay.png"]
+    from PIL import Image
+
+    legend = Image.open(tmp_path / "overlays" / "all_rounds.png")   # every round with a legend strip below
+    assert legend.width == 640 and legend.height > 480
     rows = json.loads((tmp_path / "t.json").read_text())
     assert len(rows) == 3 and all(x["total"] > 0 for x in rows)
 

@@ -3,15 +3,14 @@ a fresh venv once per run, then the golden conversation through onnxruntime, the
 in-process and the CLI, compared with the research code's outputs (tests/golden)."""
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import GOLDEN_QUESTIONS
+from torch_free import lean_venv as lean_venv_build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,18 +22,10 @@ def _iou(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def lean_venv(tmp_path_factory) -> Path:
-    """A venv with ``pip install '.[cpu,serve]'`` from the checkout (pip's cache makes it ~1 min)."""
-    base = tmp_path_factory.mktemp("lean")
-    src = base / "src"  # a clean copy: an in-tree build would leave build/ in the checkout (and reuse stale files)
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "tests", "benchmarks",
-                                                             "__pycache__", "*.egg-info", "segllm-demo"))
-    venv = base / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{src}[cpu,serve]"],
-                   check=True, cwd=base)
-    return venv
+def lean_venv() -> Path:
+    """A venv with ``pip install '.[cpu,serve]'`` from a clean copy of the checkout, built in the background from
+    the start of the run (tests/torch_free/lean_venv.py)."""
+    return lean_venv_build.wait()
 
 
 def _env():

@@ -214,6 +214,26 @@ def test_cap_and_idle_timeout(server, images):
     c.close()
 
 
+def test_web_demo_over_the_server(client, images, reference):
+    """`segllm-edge web --connect`: the page's API on a RemoteEngine gives the server's masks and its errors."""
+    pytest.importorskip("starlette")
+    from PIL import Image
+    from web_helpers import ask, call, live_server
+
+    from segllm_edge.web.conversations import ConversationStore, RemoteEngine
+
+    with live_server(ConversationStore(RemoteEngine(client))) as base:
+        st, conv = call(f"{base}/api/conversations", "POST", images["golden"], {"X-Filename": "golden.png"})
+        assert st == 201, conv
+        st, err = ask(base, conv["id"], "Segment it.[REF:4]")
+        assert st == 400 and err["kind"] == "RoundReferenceError"
+        st, r1 = ask(base, conv["id"], GOLDEN_QUESTIONS[0])
+        assert st == 200 and r1["round"] == 1 and "client_round_trip" in r1["timings"]
+        st, png = call(base + r1["mask"])
+        local = reference(images["golden"], GOLDEN_QUESTIONS[:1])[0]
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))) > 0, local.mask)
+
+
 def test_server_restart_loses_conversations_with_session_error(server, client, kept, images):
     """Last server test of the module: restarts the server on the same ports."""
     known = kept.get("open")                     # answered a round on the old server, never closed

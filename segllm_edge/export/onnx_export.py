@@ -14,6 +14,7 @@ import torch
 from ..errors import CheckpointError
 from .graphs import GRAPH_MODULES, dynamic_shapes, example_inputs
 from ..contracts.manifest import Manifest, build_manifest
+from .hipie_fast import FAST_GRAPHS, HIPIE_GRAPH_VARIANT, fast_hipie
 
 OPSET = 18
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -42,7 +43,9 @@ def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     sink = io.StringIO()
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
-    with quiet, warnings.catch_warnings(), torch.no_grad():
+    fast = name in FAST_GRAPHS  # export-time module variants (same maths, faster ops; the reference is untouched)
+    variant = fast_hipie(module) if fast else contextlib.nullcontext()
+    with quiet, variant, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         for logger in QUIET_LOGGERS:
             logging.getLogger(logger).setLevel(logging.ERROR)
@@ -53,8 +56,11 @@ def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False
                                  output_names=[t.name for t in spec.outputs], verbose=False)
         prog.save(str(path), external_data=n_bytes > EXTERNAL_DATA_BYTES)
     onnx.checker.check_model(str(path))
-    return {"exporter": f"torch.onnx dynamo (torch {torch.__version__})", "opset": OPSET,
-            "external_data": n_bytes > EXTERNAL_DATA_BYTES, "weights_bytes": int(n_bytes)}
+    notes = {"exporter": f"torch.onnx dynamo (torch {torch.__version__})", "opset": OPSET,
+             "external_data": n_bytes > EXTERNAL_DATA_BYTES, "weights_bytes": int(n_bytes)}
+    if fast:
+        notes["variant"] = HIPIE_GRAPH_VARIANT
+    return notes
 
 
 def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool = False, progress: bool = True,

@@ -32,22 +32,39 @@ class OrtBackend:
 
     @classmethod
     def from_export(cls, path, device: str = "cpu", threads: int | None = None, providers=None,
-                    session_options=None) -> "OrtBackend":
+                    session_options=None, hipie_int8: bool = False) -> "OrtBackend":
         """Open ``path`` on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``), or on the given onnxruntime
-        ``providers`` (then ``device`` is not read) with the given ``session_options``."""
+        ``providers`` (then ``device`` is not read) with the given ``session_options``. ``hipie_int8``: run
+        ``mask_decoder.int8.onnx`` (INT8 feed-forward, :func:`segllm_edge.export.hipie_quant.quantize_hipie_int8`)
+        instead of the fp32 mask decoder."""
         ortc.require_onnxruntime()
         export = open_export(Path(path))
         provs = ortc.check_providers(providers) if providers is not None else ortc.providers_for(device)
         opts = ortc.session_options(threads, session_options)
+        files = {name: export.graph_path(name) for name in export.manifest.graphs}
+        if hipie_int8:
+            from ..contracts.hipie_int8 import int8_path
+
+            files["mask_decoder"] = int8_path(files["mask_decoder"])
+            if not files["mask_decoder"].is_file():
+                raise CheckpointError(f"{export.folder} has no {files['mask_decoder'].name}: write it with "
+                                      "`segllm_edge.export.hipie_quant.quantize_hipie_int8`")
         sessions = {}
         for name, g in export.manifest.graphs.items():
-            sessions[name] = ortc.open_session(export.graph_path(name), opts, provs, name)
+            sessions[name] = ortc.open_session(files[name], opts, provs, name)
             got = [i.name for i in sessions[name].get_inputs()]
             want = [t.name for t in g.inputs]
             if got != want:
                 raise CheckpointError(f"graph {g.file} has inputs {got}, the manifest says {want}: re-export")
-        tokenizer = SegLLMTokenizer.from_folder(export.tokenizer_dir)
-        return cls(export, tokenizer, sessions, export.embed_table())
+        backend = cls.from_sessions(export, sessions)
+        if hipie_int8:
+            backend.precision = f"{export.manifest.precision}+hipie-int8"
+        return backend
+
+    @classmethod
+    def from_sessions(cls, export: ExportFolder, sessions: dict):
+        """The backend over already opened graph sessions (anything with ``run(None, feeds)``)."""
+        return cls(export, SegLLMTokenizer.from_folder(export.tokenizer_dir), sessions, export.embed_table())
 
     # ------------------------------------------------------------------ helpers
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -28,9 +28,9 @@ class RoundResult:
     def empty(self) -> bool:
         return not bool(self.model_mask.any())
 
-    def overlay(self, image: np.ndarray, color=(255, 0, 0), alpha: float = 0.5) -> np.ndarray:
-        """The original image with this round's mask blended in (HxWx3 uint8)."""
-        out = image.copy()
-        c = np.asarray(color, dtype=np.float32)
-        out[self.mask] = (image[self.mask] * (1 - alpha) + c * alpha).astype(np.uint8)
-        return out
+    def overlay(self, image: np.ndarray, color=None, alpha: float | None = None) -> np.ndarray:
+        """The original image with this round drawn on it (HxWx3 uint8): the mask tinted in the round's colour
+        (or ``color``), its outline, its box and its round number (:mod:`segllm_edge.drawing`)."""
+        from ..drawing import FILL_ALPHA, draw_overlay, mark_of
+
+        return draw_overlay(image, [mark_of(self)], color=color, alpha=FILL_ALPHA if alpha is None else alpha)

@@ -18,6 +18,9 @@ from .position import query_sine_embedding
 
 
 class MSDeformAttn(nn.Module):
+    #: the sampling core; export-time variants (segllm_edge/export/hipie_fast.py) swap in the same maths in other ops
+    core = staticmethod(ms_deform_attn)
+
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
@@ -42,7 +45,7 @@ class MSDeformAttn(nn.Module):
         else:
             loc = (reference_points[:, :, None, :, None, :2]
                    + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5)
-        out = ms_deform_attn(value, spatial_shapes, loc, weights)
+        out = self.core(value, spatial_shapes, loc, weights)
         return self.output_proj(out)
 
 

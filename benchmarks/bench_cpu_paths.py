@@ -1,0 +1,103 @@
+"""CPU paths side by side: per-round latency of the edac365 onnxruntime fp32 export vs every CPU path of the current
+export vs plain OpenVINO fp32 on the old graphs, in one run, alternating, with mask IoU vs the research code.
+
+    python benchmarks/bench_cpu_paths.py --old-export OLD --export NEW [--repeats 1] [--threads 2]
+
+OLD is an export written by the code at commit edac365 (the release before the HIPIE graph rewrites):
+
+    git worktree add /tmp/edac365 edac365
+    PYTHONPATH=/tmp/edac365 python -c "from segllm_edge.export.onnx_export import export_model; \\
+        export_model('CKPT', 'OLD')"
+
+NEW is an export by this code (``segllm-edge export``) of the same golden-size checkpoint (tests/conftest.py:
+tiny LLM and CLIP, full HIPIE-R50); ``--int8`` writes its INT8-FFN mask decoder first if it is missing.
+Paths run in groups of --group-size models (memory), each group with its own edac365 onnxruntime fp32 base; in a
+group each round of the golden conversation (tests/golden) is asked of every path in turn (the order rotates per
+round), so machine load drifts hit all paths alike. Prints per-round medians, the speed-up
+over edac365 onnxruntime fp32 and the final-mask IoU vs the research code's golden masks; saves JSON under
+benchmarks/results/ with the CPU named. Reports, does not assert.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden"
+QUESTIONS = ("Segment the red circle.", "Segment the blue square next to it.[REF:1]",
+             "Segment the object above instance 2.[REF:2]")  # tests/conftest.py GOLDEN_QUESTIONS
+
+
+def golden_masks() -> list[np.ndarray]:
+    data = np.load(GOLDEN / "rounds.npz")
+    return [np.unpackbits(data[f"r{r}/final_mask_packed"]).astype(bool).reshape(1024, 1024) for r in (1, 2, 3)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old-export", type=Path, required=True, help="export written by commit edac365")
+    ap.add_argument("--export", type=Path, required=True, help="export written by this code")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--paths", default=None, help="comma list (default: all); see the output for names")
+    ap.add_argument("--group-size", type=int, default=3, help="models loaded at once, the base included")
+    ap.add_argument("--int8", action="store_true", help="write the INT8-FFN mask decoder if missing")
+    ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+
+    import segllm_edge
+    from segllm_edge.bench import machine_info
+    from segllm_edge.cpu_bench import compare_paths, format_paths
+    from segllm_edge.runtime.cpu_paths import available_cpu_paths, cpu_name, default_cpu_path
+
+    if args.int8:
+        from segllm_edge.export.hipie_quant import int8_path, quantize_hipie_int8
+
+        if not int8_path(args.export / "mask_decoder.onnx").is_file():
+            quantize_hipie_int8(args.export / "mask_decoder.onnx")
+    kw = {"threads": args.threads} if args.threads else {}
+    base = "edac365 onnxruntime-fp32"
+    loaders = {base: lambda: segllm_edge.load(args.old_export, backend="onnxruntime", **kw),
+               "edac365 openvino-fp32": lambda: segllm_edge.load(args.old_export, backend="openvino", **kw)}
+    for p in available_cpu_paths(args.export):
+        loaders[p.name] = (lambda p=p: p.load(args.export, **kw))
+    default = default_cpu_path(args.export).name
+    wanted = [n for n in (args.paths.split(",") if args.paths else loaders) if n != base]
+    unknown = set(wanted) - set(loaders)
+    if unknown:
+        ap.error(f"unknown paths {sorted(unknown)}; available: {', '.join(loaders)}")
+    # each group runs with its own edac365 onnxruntime-fp32 base, alternating round by round; groups of
+    # --group-size models bound the memory (every loaded model holds its HIPIE graphs and their buffers)
+    groups = [wanted[i:i + args.group_size - 1] for i in range(0, len(wanted), args.group_size - 1)]
+    results = []
+    for g in groups:
+        models = {n: loaders[n]() for n in [base] + g}
+        rep = compare_paths(models, GOLDEN / "shapes_a.png", QUESTIONS, repeats=args.repeats, base=base,
+                            reference_masks=golden_masks(), progress=lambda m: print(m, flush=True))
+        print(format_paths(rep, default), flush=True)
+        results.append(rep)
+        del models
+        gc.collect()
+    print(f"\nCPU: {cpu_name()}; load(export) default: {default}; reference = the research code's golden masks")
+    for rep in results:
+        print(format_paths(rep, default))
+    report = {"cpu": cpu_name(), "machine": machine_info(), "old_export": str(args.old_export),
+              "export": str(args.export), "default_path": default, "groups": results,
+              "note": "golden-size checkpoint (tiny LLM/CLIP, full HIPIE-R50); one run per group, rounds "
+                      "alternating across the group's paths, each group with its own edac365 onnxruntime-fp32 base"}
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in cpu_name()).strip("-")[:40]
+    out = args.results_dir / f"{time.strftime('%Y%m%d-%H%M%S')}_cpu_paths_{slug}.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

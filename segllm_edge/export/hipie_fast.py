@@ -1,0 +1,73 @@
+"""Export-time variants of HIPIE modules: the same maths as the reference, in a form that runs faster on CPU runtimes.
+
+The PyTorch reference (:mod:`segllm_edge.modeling.hipie`) is never changed; while a graph is being traced,
+:func:`fast_hipie` swaps the class of the reference's modules for a subclass whose ``forward`` computes the same
+function with other ops (and restores them afterwards). What changes, per deformable-attention call:
+
+* the per-level ``einsum("ndqp,nqp->nqd")`` (exported as ONNX ``Einsum``, slow on onnxruntime's CPU provider)
+  becomes ``Mul`` + ``ReduceSum`` over the points, accumulated over levels in ``(N*M, D, Lq)`` layout;
+* the value is transposed once for all levels (one ``Transpose`` instead of one per level) and the output once.
+
+Results differ from the reference only by float summation order (checked by tests/test_hipie_fast.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modeling.hipie.transformer import MSDeformAttn
+
+#: graphs exported with the variants
+FAST_GRAPHS = ("mask_decoder",)
+#: the rewrites applied by the current exporter, recorded in the manifest (``extra.hipie_graph``)
+HIPIE_GRAPH_VARIANT = "fast-v1: deformable attention Mul+ReduceSum (no Einsum), one value transpose per call"
+
+
+def ms_deform_attn_fast(value: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]],
+                        sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    """Same contract as :func:`segllm_edge.modeling.hipie.deform_attn.ms_deform_attn`."""
+    n, s_total, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    grids = 2.0 * sampling_locations - 1.0
+    # (N*M, 1, Lq, L, P): broadcast over the D channels of the samples
+    w_all = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, n_levels, n_points)
+    v_all = value.permute(0, 2, 3, 1).reshape(n * m, d, s_total)          # one transpose for every level
+    out = None
+    start = 0
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        v = v_all[:, :, start:start + h * w].reshape(n * m, d, h, w)
+        start += h * w
+        g = grids[:, :, :, lvl].transpose(1, 2).reshape(n * m, lq, n_points, 2)
+        s = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # N*M, D, Lq, P
+        contrib = (s * w_all[:, :, :, lvl]).sum(-1)                                          # N*M, D, Lq
+        out = contrib if out is None else out + contrib
+    return out.view(n, m * d, lq).transpose(1, 2)                                           # N, Lq, M*D
+
+
+class FastMSDeformAttn(MSDeformAttn):
+    """:class:`MSDeformAttn` with :func:`ms_deform_attn_fast` (same parameters, same outputs up to rounding)."""
+
+    core = staticmethod(ms_deform_attn_fast)
+
+
+_VARIANTS: dict[type, type] = {MSDeformAttn: FastMSDeformAttn}
+
+
+@contextlib.contextmanager
+def fast_hipie(module: nn.Module):
+    """Within the block, the reference modules under ``module`` run their export variants."""
+    swapped = []
+    try:
+        for sub in module.modules():
+            variant = _VARIANTS.get(type(sub))
+            if variant is not None:
+                swapped.append((sub, type(sub)))
+                sub.__class__ = variant
+        yield module
+    finally:
+        for sub, cls in swapped:
+            sub.__class__ = cls

@@ -1,0 +1,143 @@
+"""The OpenVINO backend: runs an export folder's ONNX graphs with OpenVINO's CPU plugin (``pip install
+'segllm-edge[openvino]'``), same Backend protocol and round loop as the onnxruntime backend.
+
+OpenVINO reads the ONNX files directly (no conversion step, nothing written next to the export). Its CPU plugin
+defaults to bf16 on CPUs that have it; this backend always sets the inference precision explicitly:
+
+* ``hipie_precision="fp32"`` (default): ``f32`` for every graph — parity with onnxruntime / PyTorch;
+* ``hipie_precision="bf16"``: the two HIPIE graphs (``mask_backbone``, ``mask_decoder``) in ``bf16`` (faster on
+  CPUs with avx512_bf16 / AMX), the other graphs ``f32``. Check its accuracy with
+  :func:`segllm_edge.runtime.cpu_paths.accuracy_guard` before using it.
+
+A graph OpenVINO cannot compile (e.g. onnxruntime-only quantized ops) runs on onnxruntime instead; ``describe()``
+says which engine runs each graph.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..contracts.export_folder import open_export
+from ..contracts.ort import require_onnxruntime
+from ..errors import BackendError, CheckpointError
+from .ort_backend import OrtBackend
+
+HIPIE_GRAPHS = ("mask_backbone", "mask_decoder")
+HIPIE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+OPENVINO_INSTALL_HINT = "OpenVINO is not installed: `pip install 'segllm-edge[openvino]'`"
+
+
+def require_openvino():
+    """``import openvino`` or a BackendError naming the extra."""
+    try:
+        import openvino
+    except ImportError as exc:
+        raise BackendError(f"{OPENVINO_INSTALL_HINT} (import error: {exc})") from None
+    return openvino
+
+
+def openvino_available() -> bool:
+    try:
+        require_openvino()
+    except BackendError:
+        return False
+    return True
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin can run bf16 natively here (avx512_bf16 or AMX)."""
+    if not openvino_available():
+        return False
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class _Input:
+    def __init__(self, name: str):
+        self.name = name
+
+
+class OpenVinoSession:
+    """One compiled graph behind onnxruntime's ``InferenceSession`` calls used by :class:`OrtBackend`."""
+
+    def __init__(self, core, path: Path, precision: str, threads: int):
+        model = core.read_model(str(path))
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": int(threads)}
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.precision = precision
+        self._inputs = [_Input(p.get_any_name()) for p in self.compiled.inputs]
+
+    def get_inputs(self):
+        return self._inputs
+
+    def get_providers(self):
+        return [f"OpenVINO CPU {self.precision}"]
+
+    def run(self, _output_names, feeds: dict) -> list[np.ndarray]:
+        self.request.infer(feeds)
+        # the request reuses its output buffers: copy before the next call overwrites them
+        return [np.array(self.request.get_output_tensor(i).data) for i in range(len(self.compiled.outputs))]
+
+
+class OpenVinoBackend(OrtBackend):
+    name = "openvino"
+
+    @classmethod
+    def from_export(cls, path, device: str = "cpu", threads: int | None = None, hipie_precision: str = "fp32",
+                    **_ignored) -> "OpenVinoBackend":
+        if str(device) != "cpu":
+            raise BackendError(f"the openvino backend runs on the CPU only, not {device!r}")
+        if hipie_precision not in HIPIE_PRECISIONS:
+            raise BackendError(f"unknown hipie_precision {hipie_precision!r}; use one of "
+                               f"{', '.join(HIPIE_PRECISIONS)}")
+        ov = require_openvino()
+        export = open_export(Path(path))
+        folder, manifest = export.folder, export.manifest
+        threads = threads or os.cpu_count() or 1
+        if hipie_precision == "bf16" and not cpu_has_bf16():
+            raise BackendError("hipie_precision='bf16' needs a CPU with bf16 support (avx512_bf16 or AMX); "
+                               "OpenVINO reports none here: use 'fp32'")
+        core = ov.Core()
+        sessions, engines = {}, {}
+        for name, g in manifest.graphs.items():
+            prec = HIPIE_PRECISIONS[hipie_precision] if name in HIPIE_GRAPHS else "f32"
+            try:
+                sessions[name] = OpenVinoSession(core, folder / g.file, prec, threads)
+            except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
+                if not (folder / g.file).is_file():
+                    raise CheckpointError(f"cannot load graph {name}: {folder / g.file} is missing") from None
+                sessions[name] = _ort_session(folder / g.file, threads, name, exc)
+            engines[name] = sessions[name].get_providers()[0]
+            got = [i.name for i in sessions[name].get_inputs()]
+            want = [t.name for t in g.inputs]
+            if got != want:
+                raise CheckpointError(f"graph {g.file} has inputs {got}, the manifest says {want}: re-export")
+        backend = cls.from_sessions(export, sessions)
+        backend.hipie_precision = hipie_precision
+        backend.precision = manifest.precision if hipie_precision == "fp32" else f"{manifest.precision}+hipie-bf16"
+        return backend
+
+    def describe(self) -> str:
+        return json.dumps({"folder": str(self.folder), "precision": self.precision,
+                           "engines": {k: s.get_providers()[0] for k, s in self.sessions.items()}})
+
+
+def _ort_session(path: Path, threads: int, name: str, why: Exception):
+    """onnxruntime for a graph OpenVINO could not compile."""
+    try:
+        ort = require_onnxruntime()
+    except BackendError:
+        raise CheckpointError(f"OpenVINO cannot compile graph {name} ({path}): {why}") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot load graph {name} from {path}: OpenVINO: {why}; onnxruntime: {exc}") from None

@@ -1,0 +1,90 @@
+"""OpenVINO backend and the CPU path choice of ``load(export)``: the default path runs the golden conversation
+like the research code; a reduced precision is a default only with a passing accuracy guard for this CPU."""
+import json
+
+import pytest
+
+import segllm_edge
+from conftest import GOLDEN_QUESTIONS
+from segllm_edge.runtime import cpu_paths as C
+
+pytest.importorskip("openvino")
+
+
+def _linked_copy(export, tmp_path):
+    """The shared export, file by file as symlinks, so a test can add its own cpu_guard.json."""
+    out = tmp_path / "export"
+    out.mkdir()
+    for f in export.iterdir():
+        (out / f.name).symlink_to(f.resolve())
+    return out
+
+
+def test_default_cpu_path_is_openvino_fp32_and_matches_research_code(golden_export, golden_image, golden_rounds):
+    from test_fidelity import iou
+
+    model = segllm_edge.load(golden_export)              # no options: the fastest exact/guarded path
+    assert model.backend.name == "openvino"
+    assert "path=openvino-fp32" in repr(model) and "precision=fp32" in repr(model)
+    engines = json.loads(model.backend.describe())["engines"]
+    assert engines["mask_decoder"] == "OpenVINO CPU f32" and engines["llm"] == "OpenVINO CPU f32"
+    s = model.session(golden_image)
+    for r, q in enumerate(GOLDEN_QUESTIONS, 1):
+        res = s.ask(q)
+        assert iou(res.model_mask, golden_rounds[r]["final_mask"]) >= 0.99
+        assert res.query_index == int(golden_rounds[r]["selected_fg_query_id_last"])
+
+
+def test_reduced_precision_is_default_only_with_a_passing_guard(golden_export, tmp_path):
+    export = _linked_copy(golden_export, tmp_path)
+    if C.OV_BF16 not in C.available_cpu_paths(export):
+        pytest.skip("this CPU has no bf16")
+    assert C.default_cpu_path(export) == C.OV_FP32
+    record = {"mask_iou_per_round": [1.0, 0.995, 0.992], "worst": 0.992, "passed": True, "cpu": C.cpu_name()}
+    (export / C.GUARD_FILE).write_text(json.dumps({"paths": {"openvino-bf16": record}}))
+    assert C.default_cpu_path(export) == C.OV_BF16
+    (export / C.GUARD_FILE).write_text(json.dumps({"paths": {"openvino-bf16": {**record, "cpu": "another CPU"}}}))
+    assert C.default_cpu_path(export) == C.OV_FP32            # a guard from another CPU model does not count
+    (export / C.GUARD_FILE).write_text(json.dumps({"paths": {"openvino-bf16": {**record, "passed": False}}}))
+    assert C.default_cpu_path(export) == C.OV_FP32
+
+
+def test_accuracy_guard_records_per_round_iou(golden_export, tmp_path):
+    export = _linked_copy(golden_export, tmp_path)
+    if C.OV_BF16 not in C.available_cpu_paths(export):
+        pytest.skip("this CPU has no bf16")
+    rep = C.accuracy_guard(export, paths=[C.OV_BF16], questions=GOLDEN_QUESTIONS[:1])
+    rec = rep["paths"]["openvino-bf16"]
+    assert len(rec["mask_iou_per_round"]) == 1 and 0.0 <= rec["worst"] <= 1.0
+    assert rec["passed"] == (rec["worst"] >= C.GUARD_MIN_IOU) and rec["cpu"] == C.cpu_name()
+    assert json.loads((export / C.GUARD_FILE).read_text())["paths"]["openvino-bf16"] == rec
+    assert C.guard_passed(export, C.OV_BF16) == rec["passed"]
+
+
+def test_openvino_errors_are_clear(golden_export):
+    with pytest.raises(segllm_edge.BackendError, match="hipie_precision"):
+        segllm_edge.load(golden_export, backend="openvino", hipie_precision="int3")
+    with pytest.raises(segllm_edge.BackendError, match="CPU only"):
+        segllm_edge.load(golden_export, backend="openvino", device="cuda")
+
+
+def test_hipie_int8_quantizes_only_the_feed_forward(golden_export, tmp_path):
+    import onnx
+
+    from segllm_edge.export.hipie_quant import ffn_matmuls, int8_path, quantize_hipie_int8
+
+    export = _linked_copy(golden_export, tmp_path)
+    assert C.ORT_INT8 not in C.available_cpu_paths(export)       # no INT8 graph written yet
+    fp32 = onnx.load(str(export / "mask_decoder.onnx"), load_external_data=False)
+    assert len(ffn_matmuls(fp32)) == 24           # 6 encoder + 6 decoder layers x (256->2048, 2048->256)
+    out = quantize_hipie_int8(export / "mask_decoder.onnx")
+    assert out == int8_path(export / "mask_decoder.onnx") and out.name == "mask_decoder.int8.onnx"
+    q = onnx.load(str(out))
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("MatMulInteger") == 24
+    assert ffn_matmuls(q) == [] and ops.count("GridSample") == 48
+    assert ops.count("MatMul") >= sum(n.op_type == "MatMul" for n in fp32.graph.node) - 24   # the rest stays fp32
+    assert C.ORT_INT8 in C.available_cpu_paths(export)
+    assert C.default_cpu_path(export) == C.OV_FP32               # not a default without a passing guard
+    model = segllm_edge.load(export, backend="onnxruntime", hipie_int8=True)
+    assert model.backend.precision == "fp32+hipie-int8" and "precision=fp32+hipie-int8" in repr(model)
