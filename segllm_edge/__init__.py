@@ -7,12 +7,12 @@ from .errors import (BackendError, CheckpointError, ContextOverflowError, ImageE
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "connect", "SegLLM", "SegLLMError", "CheckpointError", "ImageError", "QuestionError",
+__all__ = ["load", "connect", "drift_probe", "SegLLM", "SegLLMError", "CheckpointError", "ImageError", "QuestionError",
            "RoundReferenceError", "ContextOverflowError", "SessionError", "BackendError", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("load", "SegLLM"):
+    if name in ("load", "SegLLM", "drift_probe"):
         from . import api
 
         return getattr(api, name)

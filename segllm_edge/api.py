@@ -160,3 +160,14 @@ def load(path: str | Path, backend: str | None = None, dtype="auto", device: str
     from .runtime.trt_backend import TrtBackend
 
     return SegLLM(TrtBackend.from_export(path, device=device if str(device).startswith("cuda") else "cuda", **kwargs))
+
+
+def drift_probe(image=None, questions=None, backend: str = "onnxruntime", device: str = "cpu"):
+    """The conversation a reduced-precision export's drift report runs (``export_model(drift_probe=...)``):
+    by default the bundled demo image and questions, each export folder loaded with :func:`load`."""
+    from .contracts.demo import DEMO_QUESTIONS, demo_image
+    from .export.drift import DriftProbe
+
+    return DriftProbe(load=lambda folder: load(folder, backend=backend, device=device),
+                      image=demo_image() if image is None else image,
+                      questions=tuple(questions or DEMO_QUESTIONS))

@@ -11,6 +11,7 @@ from .contracts.backends import BACKENDS
 from .contracts.demo import DEMO_QUESTIONS, demo_image
 from .errors import SegLLMError
 
+
 def _fail(exc: Exception) -> None:
     raise click.ClickException(str(exc))
 
@@ -301,12 +302,14 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
 
 
 def _register() -> None:
+    from .evaluation.cli import eval_command
     from .export.cli import export_command
     from .export.tensorrt.cli import build_engines_command
     from .serving.cli import serve_command, triton_repo_command
     from .web.cli import web_command
 
-    for cmd in (export_command, build_engines_command, triton_repo_command, serve_command, web_command):
+    for cmd in (export_command, build_engines_command, triton_repo_command, serve_command, web_command,
+                eval_command):
         main.add_command(cmd)
 
 

@@ -38,6 +38,10 @@ class BackendError(SegLLMError):
     """A backend is unknown or cannot run here (for example a missing optional package)."""
 
 
+class AccuracyGuardError(SegLLMError):
+    """A reduced-precision export drifted too far from fp32 on its drift report (the export is written)."""
+
+
 __all__ = [
     "SegLLMError",
     "CheckpointError",
@@ -47,4 +51,5 @@ __all__ = [
     "ContextOverflowError",
     "SessionError",
     "BackendError",
+    "AccuracyGuardError",
 ]

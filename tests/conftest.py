@@ -86,6 +86,25 @@ def golden_export(golden_ckpt, tmp_path_factory) -> Path:
     return out
 
 
+DRIFT_TEST_QUESTIONS = ("Segment the red circle.", "Segment it.[REF:4]")  # round 2 refers to no round: not compared
+
+
+@pytest.fixture(scope="session")
+def golden_export_fp16(golden_export, golden_image, tmp_path_factory) -> Path:
+    """The golden export converted to fp16 (fp16 KV cache), shared read-only. Its drift report ran a two-round
+    probe (DRIFT_TEST_QUESTIONS) on the golden image: round 1 compared, round 2 unanswerable in both."""
+    import shutil
+
+    import segllm_edge
+    from segllm_edge.export.quantize import quantize_export
+
+    out = tmp_path_factory.mktemp("export") / "fp16"
+    shutil.copytree(golden_export, out)
+    quantize_export(out, "fp16", drift_probe=segllm_edge.drift_probe(golden_image, DRIFT_TEST_QUESTIONS),
+                    progress=False)
+    return out
+
+
 def pytest_collection_finish(session):
     """Start building the torch-free venv in the background as soon as a test that needs it is selected."""
     if any(item.nodeid.startswith("tests/test_torch_free.py") or "test_torch_free.py" in item.nodeid

@@ -27,14 +27,45 @@ INSTALL_HINT = (
 )
 
 
+# TensorRT 10 (JetPack 6, Jetson Orin) still has the weak-typing API: builder precision flags
+# (BuilderFlag.FP16/BF16), OBEY_PRECISION_CONSTRAINTS and per-layer precision. TensorRT 11 removed it:
+# networks are strongly typed, the ONNX graph carries every tensor's type (fp32 islands are explicit Casts).
+MIN_TRT_MAJOR = 10                # the oldest TensorRT the builder and runtime use (JetPack 6 ships 10.x)
+STRONGLY_TYPED_FROM = 11          # TensorRT majors >= this only build strongly typed networks
+WEAK = "weak"                     # precision flags + per-layer constraints (TensorRT 10)
+STRONG = "strong"                 # strongly typed networks, types from the ONNX graph (TensorRT >= 11)
+
+
+def parse_trt_version(v: str) -> tuple[int, int]:
+    """'10.3.0.26' → (10, 3); BackendError for a version string that is not one."""
+    m = re.match(r"\s*(\d+)\.(\d+)", str(v))
+    if not m:
+        raise BackendError(f"cannot read the TensorRT version {v!r} (tensorrt.__version__)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def api_generation(version: str) -> str:
+    """:data:`WEAK` for TensorRT 10, :data:`STRONG` for TensorRT 11 and later."""
+    return STRONG if parse_trt_version(version)[0] >= STRONGLY_TYPED_FROM else WEAK
+
+
+def check_trt_version(version: str) -> tuple[int, int]:
+    major, minor = parse_trt_version(version)
+    if major < MIN_TRT_MAJOR:
+        raise BackendError(f"TensorRT {major}.{minor} is too old: segllm-edge needs TensorRT {MIN_TRT_MAJOR} or "
+                           "later (JetPack 6 on Jetson; the NGC tensorrt container 24.05 or later on x86_64)")
+    return major, minor
+
+
 def require_tensorrt():
-    """``import tensorrt`` or a BackendError saying how to get it."""
+    """``import tensorrt`` (version checked: >= 10) or a BackendError saying how to get it."""
     try:
         import tensorrt as trt  # noqa: F401
     except ImportError as exc:
         raise BackendError(f"{INSTALL_HINT} (import error: {exc})") from None
     except OSError as exc:  # bindings present, libnvinfer missing (e.g. a bare tensorrt-cuXX-bindings wheel)
         raise BackendError(f"{INSTALL_HINT} (the bindings are installed but the TensorRT libraries are not: {exc})") from None
+    check_trt_version(getattr(trt, "__version__", "unknown"))
     return trt
 
 

@@ -20,6 +20,8 @@ OPSET = 18
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in a .onnx.data file
+# loggers whose warnings a user cannot act on: torch.onnx lists the torchvision ops it skips (segllm-edge uses none)
+QUIET_LOGGERS = ("onnxscript", "torch.onnx._internal.exporter._registration")
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
@@ -45,7 +47,8 @@ def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False
     variant = fast_hipie(module) if fast else contextlib.nullcontext()
     with quiet, variant, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        logging.getLogger("onnxscript").setLevel(logging.ERROR)
+        for logger in QUIET_LOGGERS:
+            logging.getLogger(logger).setLevel(logging.ERROR)
         # optimize=True: onnxscript's optimizer (constant folding, dead-code removal, shape-op simplification)
         prog = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, optimize=True,
                                  dynamic_shapes=dynamic_shapes(name, spec, args),
@@ -61,8 +64,12 @@ def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False
 
 
 def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool = False, progress: bool = True,
-                 drift_report: bool = True) -> Manifest:
-    """Write every graph, the manifest, the tokenizer and the token embedding table into ``out_dir``."""
+                 drift_report: bool = True, drift_probe=None, allow_accuracy_drop: bool = False) -> Manifest:
+    """Write every graph, the manifest, the tokenizer and the token embedding table into ``out_dir``.
+
+    Reduced precisions are converted from the fp32 graphs (:func:`.quantize.quantize_export`); the drift report
+    runs ``drift_probe`` (a :class:`.drift.DriftProbe`; ``segllm_edge.drift_probe()`` is the demo conversation)
+    and a failing accuracy guard raises AccuracyGuardError unless ``allow_accuracy_drop``."""
     from ..modeling.loader import load_checkpoint
     from ..contracts.precisions import EXPORT_PRECISIONS as PRECISIONS
 
@@ -92,20 +99,13 @@ def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool =
     manifest.extra["graphs"] = notes
     manifest.extra["source_checkpoint"] = str(ckpt.resolve())
     manifest.save(out)
+    del model, loaded  # the torch model is not needed past here: free it before the conversion and drift report
+    import gc
+
+    gc.collect()
     if precision != "fp32":
         from .quantize import quantize_export
 
-        manifest = quantize_export(out, precision, drift_report=drift_report, progress=progress)
+        manifest = quantize_export(out, precision, drift_probe=drift_probe, drift_report=drift_report,
+                                   allow_accuracy_drop=allow_accuracy_drop, progress=progress)
     return manifest
-
-
-def graph_sizes(folder: Path, manifest: Manifest) -> dict[str, int]:
-    sizes = {}
-    for name, g in manifest.graphs.items():
-        p = Path(folder) / g.file
-        total = p.stat().st_size
-        data = p.with_name(p.name + ".data")
-        if data.exists():
-            total += data.stat().st_size
-        sizes[name] = total
-    return sizes

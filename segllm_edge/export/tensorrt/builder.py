@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ...contracts.engines import BOS_PREFIX_FILE, DEFAULT_ENGINES_SUBDIR, require_tensorrt
+from ...contracts.engines import BOS_PREFIX_FILE, DEFAULT_ENGINES_SUBDIR, STRONG, api_generation, require_tensorrt
 from ...contracts.precisions import ENGINE_PRECISIONS as PRECISIONS
 from ...errors import BackendError, CheckpointError
 
@@ -266,20 +266,32 @@ def _layer_node(layer) -> str:
     return m.group(1).strip() if m else layer.name
 
 
-def _build_one(trt, logger, plan: GraphPlan, device, options: BuildOptions, timing_blob: bytes | None):
+def strongly_typed(trt, options: BuildOptions) -> bool:
+    """Strongly typed networks: asked for, or the only kind this TensorRT builds (11 and later)."""
+    return options.strongly_typed or api_generation(trt.__version__) == STRONG
+
+
+def _build_one(trt, logger, plan: GraphPlan, device, options: BuildOptions, timing_blob: bytes | None,
+               out: Path | None = None):
     from ...contracts.engine_profiles import input_shapes
     from ...contracts.manifest import Manifest
 
     flags = 0
-    if options.strongly_typed:
+    strong = strongly_typed(trt, options)
+    source = plan.onnx
+    if strong:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        if not options.strongly_typed:  # TensorRT 11: the precision has to be in the graph's types
+            from .typed_graph import typed_graph
+
+            source = typed_graph(plan, out or plan.onnx.parent / DEFAULT_ENGINES_SUBDIR)
     builder = trt.Builder(logger)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(plan.onnx)):  # resolves external data next to the file
+    if not parser.parse_from_file(str(source)):  # resolves external data next to the file
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise BackendError(f"TensorRT's ONNX parser rejected {plan.onnx.name}:\n  " + "\n  ".join(errs))
-    if plan.kv_dtype:  # network inputs/outputs may be retyped in weakly typed networks
+        raise BackendError(f"TensorRT's ONNX parser rejected {source.name}:\n  " + "\n  ".join(errs))
+    if plan.kv_dtype and not strong:  # network inputs/outputs may be retyped in weakly typed networks
         kv_type = getattr(trt, {"HALF": "float16", "BF16": "bfloat16"}[plan.kv_dtype])
         io = [network.get_input(i) for i in range(network.num_inputs)] + \
              [network.get_output(i) for i in range(network.num_outputs)]
@@ -288,13 +300,13 @@ def _build_one(trt, logger, plan: GraphPlan, device, options: BuildOptions, timi
                 t.dtype = kv_type
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
-    if not options.strongly_typed:
+    if not strong:
         for f in plan.flags:
             config.set_flag(getattr(trt.BuilderFlag, f))
     if "TF32" not in plan.flags and not options.tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
     pinned = 0
-    if plan.fp32_nodes and not options.strongly_typed:
+    if plan.fp32_nodes and not strong:
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         floats = {trt.float32, trt.float16, getattr(trt, "bfloat16", trt.float16)}
         for i in range(network.num_layers):
@@ -380,13 +392,14 @@ def build_engines(export_dir, precision: str = "fp16", out_dir=None, workspace_g
             built[plan.graph] = path
             continue
         log(f"{plan.graph:15s} building ({plan.precision}{', ' + '; '.join(plan.notes) if plan.notes else ''}) …")
-        blob, timing, secs, pinned = _build_one(trt, logger, plan, device, options, timing)
+        blob, timing, secs, pinned = _build_one(trt, logger, plan, device, options, timing, out)
         tmp = path.with_suffix(".plan.tmp")
         tmp.write_bytes(blob)
         tmp.replace(path)
         write_sidecar(path, key, onnx_file=plan.onnx.name, onnx_stamp=file_stamp(plan.onnx),
                       profiles=profiles_to_json({plan.graph: plan.profiles})[plan.graph],
-                      flags=list(plan.flags), fp32_layers_pinned=pinned, notes=plan.notes, kv_dtype=plan.kv_dtype,
+                      flags=[] if strongly_typed(trt, options) else list(plan.flags), fp32_layers_pinned=pinned,
+                      typing="strong" if strongly_typed(trt, options) else "weak", notes=plan.notes, kv_dtype=plan.kv_dtype,
                       build_seconds=round(secs, 1), engine_bytes=len(blob), built_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         tc_path.write_bytes(timing)
         log(f"{plan.graph:15s} built in {secs:.0f}s  {path.name} ({len(blob) / 1e6:.1f} MB)")
