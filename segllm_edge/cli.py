@@ -25,6 +25,24 @@ def _fail(exc: Exception) -> None:
     raise click.ClickException(str(exc))
 
 
+def _writable_dir(out: Path | None, option: str = "--out") -> None:
+    """Create ``out`` and check that a file can be written there, before any work (one-line error if not)."""
+    if out is None:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".segllm-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise click.ClickException(f"{option} {out} is not a writable folder: {exc.strerror or exc}") from None
+
+
+def _at_least(value: int, minimum: int, option: str) -> None:
+    if value < minimum:
+        raise click.ClickException(f"{option} must be at least {minimum}, not {value}")
+
+
 class _Step:
     """Prints '<what> … done in Xs' around a long step."""
 
@@ -152,6 +170,7 @@ def demo(checkpoint, workdir, backend, dtype, json_out):
 @click.argument("questions", nargs=-1)
 def chat(checkpoint, image, backend, dtype, out, no_reuse, questions):
     """Segment IMAGE over several rounds: chat ... "q1" "q2 [REF:1]"; interactive when no questions are given."""
+    _writable_dir(out)
     try:
         model = _load(checkpoint, backend, dtype)
         if questions:
@@ -209,6 +228,12 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
 
     if checkpoint and export_dir:
         raise click.UsageError("give --checkpoint or --export, not both")
+    _at_least(rounds, 1, "--rounds")
+    _at_least(repeats, 1, "--repeats")
+    _at_least(warmup, 0, "--warmup")
+    for f, opt in ((json_out, "--json"), (plot_out, "--plot")):
+        if f is not None:
+            _writable_dir(f.parent, opt)
     try:
         if export_dir:
             path, backend = export_dir, backend or "onnxruntime"

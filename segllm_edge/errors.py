@@ -51,3 +51,10 @@ __all__ = [
     "SessionError",
     "BackendError",
 ]
+
+
+class ConfigError(SegLLMError, ValueError):
+    """An argument or option has an unusable type or value (for example ``max_kv_bytes="abc"``)."""
+
+
+__all__.append("ConfigError")

@@ -79,10 +79,10 @@ class OrtGraphModel(PythonModel):
 
 
 def decode_image_bytes(payload) -> np.ndarray:
-    """Encoded PNG/JPEG/... bytes → HxWx3 uint8 RGB; :class:`ImageError` for anything unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    from ..modeling.preprocess import load_image
+    """Encoded PNG/JPEG/... bytes → HxWx3 uint8 RGB; :class:`ImageError` for anything unreadable or over
+    the limits of :mod:`segllm_edge.limits` (checked from the header, before decoding)."""
+    from ..limits import check_image_bytes
+    from ..modeling.preprocess import read_image
 
     if isinstance(payload, np.ndarray):
         payload = payload.reshape(-1)[0] if payload.size else b""
@@ -90,14 +90,8 @@ def decode_image_bytes(payload) -> np.ndarray:
         payload = payload.encode("latin-1")
     if not isinstance(payload, (bytes, bytearray)) or not payload:
         raise ImageError("the image payload is empty: send the encoded PNG/JPEG bytes with the first round")
-    try:
-        with Image.open(io.BytesIO(bytes(payload))) as img:
-            img.load()
-            return load_image(img)
-    except ImageError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot decode the image payload ({len(payload)} bytes): {exc}") from None
+    check_image_bytes(len(payload), "the image payload")
+    return read_image(io.BytesIO(bytes(payload)), f"the image payload ({len(payload)} bytes)", verb="decode")
 
 
 def preprocess_arrays(rgb: np.ndarray, clip_size: int) -> dict[str, np.ndarray]:
