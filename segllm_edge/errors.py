@@ -58,3 +58,10 @@ class ConfigError(SegLLMError, ValueError):
 
 
 __all__.append("ConfigError")
+
+
+class LimitError(SegLLMError, ValueError):
+    """A request is over one of the limits of :mod:`segllm_edge.limits` (sizes, shapes, counts)."""
+
+
+__all__.append("LimitError")

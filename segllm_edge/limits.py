@@ -94,3 +94,10 @@ def check_byte_budget(name: str, value) -> int | None:
             pass
         raise ConfigError(f"{name} must be a positive number of bytes (an int), not {value!r}")
     return value
+
+
+def graph_axis_limits(max_context: int) -> dict[str, int]:
+    """Bounds of the manifest's symbolic axes for requests to the per-graph models (what the round loop
+    can send: one image, one <seg> per round, up to :data:`MAX_REFS` crops, the model's context)."""
+    return {"batch": 1, "masks": MAX_REFS, "n": 1, "seq": max_context, "past": max_context,
+            "total": max_context}

@@ -24,6 +24,8 @@ PARAM_GRAPH_FILE = "segllm_graph_file"
 PARAM_GRAPH = "segllm_graph"
 PARAM_THREADS = "segllm_threads"
 PARAM_CLIP_SIZE = "segllm_clip_image_size"
+PARAM_AXES = "segllm_input_axes"          # JSON {input: [dim or axis name, ...]} (the manifest's shapes)
+PARAM_AXIS_LIMITS = "segllm_axis_limits"  # JSON {axis name: max} (segllm_edge.limits.graph_axis_limits)
 
 
 def resolve_model_path(value: str, args: dict | None, model_name: str) -> Path:
@@ -66,12 +68,49 @@ class OrtGraphModel(PythonModel):
         self.session = ort_session(self.graph_path, threads)
         self.input_dtypes = {i["name"]: numpy_dtype(i["data_type"]) for i in self.config.get("input", [])}
         self.output_names = [o["name"] for o in self.config.get("output", [])]
+        import json
+
+        self.axes = json.loads(self.params.get(PARAM_AXES) or "{}")
+        self.axis_limits = json.loads(self.params.get(PARAM_AXIS_LIMITS) or "{}")
         got = [i.name for i in self.session.get_inputs()]
         if sorted(got) != sorted(self.input_dtypes):
             raise ValueError(f"graph {self.graph_path} has inputs {got}, the model config says "
                              f"{list(self.input_dtypes)}: regenerate the repository from the export's manifest")
 
+    def error_message(self, exc: BaseException) -> str:
+        from .wire import bracketed
+
+        return bracketed(exc)
+
+    def check_shapes(self, inputs: dict) -> None:
+        """Every input as the manifest declares it, symbolic axes within their limits (before running)."""
+        from ..errors import LimitError
+
+        name = self.config.get("name", "")
+        seen: dict[str, int] = {}
+        for k, v in inputs.items():
+            axes = self.axes.get(k)
+            if axes is None:
+                continue
+            shape = np.shape(v)
+            if len(shape) != len(axes):
+                raise LimitError(f"model {name!r}: input {k!r} has shape {list(shape)}, expected {axes}")
+            for d, a in zip(shape, axes):
+                if isinstance(a, int) and d != a:
+                    raise LimitError(f"model {name!r}: input {k!r} has shape {list(shape)}, expected {axes}")
+                if isinstance(a, str):
+                    lim = self.axis_limits.get(a)
+                    if lim is not None and d > lim:
+                        raise LimitError(f"model {name!r}: axis {a!r} of input {k!r} is {d}, over its limit of {lim}")
+                    if seen.setdefault(a, d) != d:
+                        raise LimitError(f"model {name!r}: axis {a!r} is {seen[a]} in one input and {d} in {k!r}")
+        total = self.axis_limits.get("total")
+        if total is not None and seen.get("past", 0) + seen.get("seq", 0) > total:
+            raise LimitError(f"model {name!r}: past {seen.get('past', 0)} + seq {seen.get('seq', 0)} tokens is over "
+                             f"the context of {total}")
+
     def infer(self, inputs: dict, ctx: RequestContext) -> dict:
+        self.check_shapes(inputs)
         feeds = {k: np.ascontiguousarray(v, dtype=self.input_dtypes[k]) for k, v in inputs.items()
                  if k in self.input_dtypes}
         outs = self.session.run(self.output_names, feeds)
@@ -114,6 +153,11 @@ class PreprocessModel(PythonModel):
 
     def initialize(self) -> None:
         self.clip_size = int(self.params.get(PARAM_CLIP_SIZE) or 224)
+
+    def error_message(self, exc: BaseException) -> str:
+        from .wire import bracketed
+
+        return bracketed(exc)
 
     def infer(self, inputs: dict, ctx: RequestContext) -> dict:
         rgb = decode_image_bytes(inputs["image"])

@@ -8,18 +8,18 @@ import io
 
 import numpy as np
 
-from ..errors import (BackendError, ContextOverflowError, ImageError, QuestionError, RoundReferenceError, SegLLMError,
-                      SessionError)
+from ..errors import (BackendError, ConfigError, ContextOverflowError, ImageError, LimitError, QuestionError,
+                      RoundReferenceError, SegLLMError, SessionError)
 
 #: error class name shown in brackets (``[RoundReferenceError] …``) → the class
 ERROR_CLASSES = {
     "ImageError": ImageError, "QuestionError": QuestionError, "RoundReferenceError": RoundReferenceError,
     "ContextOverflowError": ContextOverflowError, "SessionError": SessionError, "BackendError": BackendError,
-    "SegLLMError": SegLLMError,
+    "SegLLMError": SegLLMError, "LimitError": LimitError, "ConfigError": ConfigError,
 }
 
 #: the ``segllm`` model's outputs, in order
-OUTPUT_NAMES = ("mask", "box", "model_box", "score", "round", "timings")
+OUTPUT_NAMES = ("mask", "box", "model_box", "score", "round", "timings", "conversation")
 
 
 def error_name(exc: BaseException) -> str:
