@@ -278,14 +278,18 @@ def test_limits_and_failed_starts_never_hold_capacity(server, images):
 
 
 def test_internal_graph_models_are_bounded(server):
-    from segllm_edge.errors import LimitError
+    from segllm_edge.errors import BackendError, LimitError
 
     with pytest.raises(LimitError, match="axis 'batch' of input 'pixel_values' is 2, over its limit of 1"):
         _raw(server, "vision_encoder", pixel_values=np.zeros((2, 3, 224, 224), np.float32))
-    with pytest.raises(LimitError, match="expected"):
+    with pytest.raises(BackendError, match="unexpected shape"):          # fixed dims: Triton checks them itself
         _raw(server, "vision_encoder", pixel_values=np.zeros((1, 3, 500, 500), np.float32))
     with pytest.raises(LimitError, match="axis 'n'"):
         _raw(server, "seg_head", hidden=np.zeros((2, 128), np.float32))
+    past = {f"past_key_values.{i}.{kv}": np.zeros((1, 4, 2048, 32), np.float32) for i in range(2)
+            for kv in ("key", "value")}
+    with pytest.raises(LimitError, match="past 2048 \\+ seq 1 tokens is over the context of 2048"):
+        _raw(server, "llm", inputs_embeds=np.zeros((1, 1, 128), np.float32), **past)
 
 
 def test_remote_session_is_thread_safe(client, images, reference):
