@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# CPU torch first: the pinned wheel; an unpinned torch would pull gigabytes of CUDA packages
 	$(PIP) install -q torch==2.13.0
 	# [cpu]: the onnxruntime CPU build; on a GPU machine use [gpu] instead (never both: same module)
-	$(PIP) install -q -e ".[cpu,test,serve,bench]"
+	$(PIP) install -q -e ".[cpu,export,test,serve,bench]"
 	touch $@
 
 demo: install

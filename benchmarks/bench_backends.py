@@ -17,7 +17,7 @@ from pathlib import Path
 
 import segllm_edge
 from segllm_edge.bench import machine_info, save_result, scripted_questions
-from segllm_edge.cli import demo_image
+from segllm_edge.contracts.demo import demo_image
 from segllm_edge.runtime.profiler import STAGES
 
 

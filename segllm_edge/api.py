@@ -1,26 +1,19 @@
-"""The package's front door: ``segllm_edge.load(path)`` → a model that opens sessions."""
+"""The package's front door: ``segllm_edge.load(path)`` → a model that opens sessions.
+
+Imports neither torch nor onnxruntime: each backend is imported when it is chosen, so an install with
+only ``[cpu]`` loads exports and the torch backend says which extra it needs.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from .contracts.backends import BACKENDS
+from .contracts.export_folder import is_export
+from .contracts.precisions import dtype_name
 from .errors import BackendError, CheckpointError
 
-BACKENDS = ("torch", "onnxruntime", "cuda", "tensorrt")
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def _dtype(dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise BackendError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
+EXPORT_INSTALL_HINT = ("the PyTorch reference backend needs torch and transformers: "
+                       "pip install 'segllm-edge[export]' (see the README's install lines)")
 
 
 class SegLLM:
@@ -50,77 +43,107 @@ class SegLLM:
                 f"clip={i.clip_hidden}, dtype={i.dtype})")
 
 
-def _is_export(path: Path) -> bool:
-    from .export.manifest import MANIFEST_NAME
-
-    return (path / MANIFEST_NAME).is_file()
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise BackendError(EXPORT_INSTALL_HINT) from None
+    return torch
 
 
 def _require_torch_cuda(what: str) -> None:
+    torch = _import_torch()
     if not torch.cuda.is_available():
         build = "a CPU-only PyTorch build" if torch.version.cuda is None else f"PyTorch built for CUDA {torch.version.cuda}"
         raise BackendError(f"{what} needs an NVIDIA GPU, but PyTorch sees no CUDA device here ({build}; check "
                            "the driver, CUDA_VISIBLE_DEVICES or the container's --gpus flag)")
 
 
-def _require_ort_cuda() -> None:
-    from .runtime.ort_backend import require_onnxruntime
+def _export_dtype(path: Path, dtype, backend: str) -> None:
+    """An export runs in the dtype it was exported in: another ``dtype`` is an error, not ignored."""
+    want = dtype_name(dtype)
+    if want is None:
+        return
+    from .contracts.manifest import Manifest
 
-    ort = require_onnxruntime()
-    avail = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in avail:
-        raise BackendError("backend='cuda' on an export folder runs onnxruntime's CUDAExecutionProvider, which this "
-                           f"onnxruntime does not have (available: {', '.join(avail)}). Install onnxruntime-gpu "
-                           "instead of onnxruntime (pip uninstall onnxruntime; pip install 'segllm-edge[gpu]'; on "
-                           "Jetson, NVIDIA's onnxruntime-gpu wheel for your JetPack) on a machine with an NVIDIA GPU")
+    have = Manifest.load(path).graphs["llm"].input("inputs_embeds").dtype
+    if want != have:
+        raise BackendError(f"dtype={dtype!r} cannot be honoured by the {backend} backend: this export's LLM runs in "
+                           f"{have} (precision {Manifest.load(path).precision!r}); use dtype='auto' or re-export "
+                           "with `segllm-edge export --precision ...`")
 
 
-def load(path: str | Path, backend: str = "torch", dtype=None, device: str = "cpu",
+def _no_ort_options(backend: str, kwargs: dict) -> None:
+    given = [k for k in ("providers", "session_options", "threads") if kwargs.get(k) is not None]
+    if given:
+        raise BackendError(f"{', '.join(given)} apply to the onnxruntime backend only, not backend={backend!r}")
+
+
+def load(path: str | Path, backend: str | None = None, dtype="auto", device: str = "cpu",
          use_stored_gammas: bool = False, **kwargs) -> SegLLM:
     """Load a SegLLM checkpoint or export folder on one of :data:`BACKENDS`:
 
-    * ``"torch"``: a checkpoint folder, PyTorch on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) in ``dtype``;
+    * ``None`` (default): inferred from the folder: an export (it has ``manifest.json``) runs on
+      ``"onnxruntime"``, a checkpoint folder on ``"torch"``;
+    * ``"torch"``: a checkpoint folder, PyTorch on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) in ``dtype``
+      (``"auto"`` = fp32; ``"fp16"``/``"bf16"`` for the LLM and CLIP). Needs the ``[export]`` extra;
     * ``"onnxruntime"``: an export folder (``segllm-edge export``) on ``device`` (``"cpu"`` or ``"cuda"``:
-      the CUDA execution provider of onnxruntime-gpu);
-    * ``"cuda"``: the GPU whatever the folder is: an export folder (it has ``manifest.json``) runs on
-      onnxruntime's CUDA execution provider, a checkpoint folder on PyTorch CUDA;
+      the CUDA execution provider of onnxruntime-gpu), or on ``providers=[...]`` with ``session_options=``
+      (an ``onnxruntime.SessionOptions``) and ``threads=``;
+    * ``"cuda"``: the GPU whatever the folder is: an export folder runs on onnxruntime's CUDA execution
+      provider, a checkpoint folder on PyTorch CUDA;
     * ``"tensorrt"``: an export folder with engines from ``segllm-edge build-engines`` (``engines_dir=``,
       default ``<export>/engines``; ``precision=`` picks among several builds); needs TensorRT and a GPU.
 
-    A backend that cannot run here (no GPU, no onnxruntime-gpu, no TensorRT) raises BackendError
-    saying what is missing. ``use_stored_gammas`` (torch): use the fusion block's stored
-    ``gamma_v/gamma_l`` instead of the 1/6 the released research loader actually runs with (see the
-    model notes in the README).
+    An export runs in the precision it was exported in: ``dtype`` must be ``"auto"`` or that dtype.
+    A backend that cannot run here (no GPU, no onnxruntime-gpu, no TensorRT, no torch) or an option it
+    cannot honour raises BackendError saying what is missing. ``use_stored_gammas`` (torch): use the
+    fusion block's stored ``gamma_v/gamma_l`` instead of the 1/6 the released research loader actually
+    runs with (see the model notes in the README).
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no such checkpoint or export folder: {path}")
+    export = is_export(path)
+    if backend is None:
+        backend = "onnxruntime" if export else "torch"
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "cuda":
-        dev = device if str(device).startswith("cuda") else "cuda"
-        if _is_export(path):
-            _require_ort_cuda()
-            from .runtime.ort_backend import OrtBackend
-
-            return SegLLM(OrtBackend.from_export(path, device=dev, **kwargs))
-        _require_torch_cuda("backend='cuda' on a checkpoint folder (PyTorch on the GPU)")
-        backend, device = "torch", dev
+        device = device if str(device).startswith("cuda") else "cuda"
+        if export:
+            backend = "onnxruntime"
+        else:
+            _require_torch_cuda("backend='cuda' on a checkpoint folder (PyTorch on the GPU)")
+            backend = "torch"
+    if backend != "torch" and use_stored_gammas:
+        raise BackendError("use_stored_gammas applies to the torch backend (a checkpoint folder); an export "
+                           "has the gammas it was exported with")
     if backend == "torch":
-        from .modeling.loader import load_checkpoint
-        from .runtime.backend import TorchBackend
-
+        if export:
+            raise BackendError(f"{path} is an export folder; the torch backend loads checkpoint folders "
+                               "(use backend='onnxruntime' or 'tensorrt', or leave backend out)")
+        _no_ort_options(backend, kwargs)
+        torch = _import_torch()
+        try:
+            from .modeling.loader import load_checkpoint
+            from .modeling.torch_backend import TorchBackend
+        except ImportError as exc:
+            raise BackendError(f"{EXPORT_INSTALL_HINT} ({exc})") from None
         if str(device).startswith("cuda"):
             _require_torch_cuda(f"device={device!r}")
-        loaded = load_checkpoint(path, dtype=_dtype(dtype), use_stored_gammas=use_stored_gammas, **kwargs)
+        torch_dtype = getattr(torch, dtype_name(dtype) or "float32")
+        loaded = load_checkpoint(path, dtype=torch_dtype, use_stored_gammas=use_stored_gammas, **kwargs)
         return SegLLM(TorchBackend(loaded, device=device))
+    if not export:
+        raise CheckpointError(f"{path} is not a segllm-edge export (no manifest.json): the {backend} backend runs "
+                              "export folders (`segllm-edge export --checkpoint ... --out ...`)")
+    _export_dtype(path, dtype, backend)
     if backend == "onnxruntime":
-        try:
-            from .runtime.ort_backend import OrtBackend
-        except ImportError as exc:
-            raise BackendError(f"the onnxruntime backend is not available here: {exc}") from None
-        return SegLLM(OrtBackend.from_export(path, device=device, **kwargs))
-    if backend == "tensorrt":
-        from .runtime.trt_backend import TrtBackend
+        from .runtime.ort_backend import OrtBackend
 
-        return SegLLM(TrtBackend.from_export(path, device=device if str(device).startswith("cuda") else "cuda",
-                                             **kwargs))
-    raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        return SegLLM(OrtBackend.from_export(path, device=device, **kwargs))
+    _no_ort_options(backend, kwargs)
+    from .runtime.trt_backend import TrtBackend
+
+    return SegLLM(TrtBackend.from_export(path, device=device if str(device).startswith("cuda") else "cuda", **kwargs))

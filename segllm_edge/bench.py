@@ -85,13 +85,16 @@ def run_benchmark(model, image, rounds: int = 8, repeats: int = 3, warmup: int =
 
 
 def machine_info() -> dict:
-    import torch
-
     info = {"machine": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    try:  # torch is optional (an install with only [cpu] runs exports)
+        import torch
+
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
     try:
         import onnxruntime
 

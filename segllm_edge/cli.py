@@ -2,24 +2,14 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import click
 
+from .contracts.backends import BACKENDS
+from .contracts.demo import DEMO_QUESTIONS, demo_image
 from .errors import SegLLMError
-
-BACKENDS = ("torch", "onnxruntime", "cuda", "tensorrt")
-
-DEMO_QUESTIONS = ("Segment the red circle.", "Segment the blue square next to it.[REF:1]",
-                  "Segment the object above instance 2.[REF:2]")
-
-
-def demo_image() -> Path:
-    return Path(str(resources.files("segllm_edge").joinpath("assets", "demo_shapes.png")))
-
 
 def _fail(exc: Exception) -> None:
     raise click.ClickException(str(exc))
@@ -77,6 +67,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="overwrite a non-empty folder")
 def make_tiny(out, hidden, layers, heads, intermediate, clip_hidden, clip_layers, shards, force):
     """Write a small random SegLLM checkpoint (released layout, full HIPIE-R50) to OUT."""
+    _need_export_extra("make-tiny-checkpoint")
     from .tiny import TinySizes, make_tiny_checkpoint
 
     sizes = TinySizes(hidden=hidden, layers=layers, heads=heads, intermediate=intermediate,
@@ -89,10 +80,25 @@ def make_tiny(out, hidden, layers, heads, intermediate, clip_hidden, clip_layers
     click.echo(str(out))
 
 
-def _load(checkpoint: Path, backend: str, dtype: str):
+def _need_export_extra(what: str) -> None:
+    from .extras import require_export_extra
+
+    try:
+        require_export_extra(what)
+    except SegLLMError as exc:
+        _fail(exc)
+
+
+def _folder(checkpoint: Path | None, export: Path | None) -> Path | None:
+    if checkpoint is not None and export is not None:
+        raise click.UsageError("give --checkpoint or --export, not both")
+    return export if export is not None else checkpoint
+
+
+def _load(checkpoint: Path, backend: str | None, dtype: str):
     from . import load
 
-    with _Step(f"loading {checkpoint} ({backend}, {dtype})"):
+    with _Step(f"loading {checkpoint} ({backend or 'backend from the folder'}, {dtype})"):
         return load(checkpoint, backend=backend, dtype=dtype)
 
 
@@ -121,21 +127,27 @@ def _run_rounds(model, image, questions, reuse: bool, out: Path | None):
 @click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="checkpoint or export folder (default: build a tiny checkpoint under --workdir; "
                    "onnxruntime/tensorrt export it there first)")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="an export folder to run (no torch needed)")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("segllm-demo"),
               show_default=True, help="where the tiny checkpoint and the overlays go")
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(BACKENDS),
-              help="onnxruntime/tensorrt take an export folder; cuda either")
-@click.option("--dtype", default="fp32", show_default=True)
+@click.option("--backend", default=None, type=click.Choice(BACKENDS),
+              help="default: from the folder (torch for a checkpoint, onnxruntime for an export); cuda either")
+@click.option("--dtype", default="auto", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the per-round timings as JSON")
-def demo(checkpoint, workdir, backend, dtype, json_out):
+def demo(checkpoint, export_dir, workdir, backend, dtype, json_out):
     """Run a 3-round conversation on a bundled image and print per-round latency."""
     from .runtime.profiler import timings_json
-    from .tiny import make_tiny_checkpoint
 
+    checkpoint = _folder(checkpoint, export_dir)
+    if checkpoint is None or not (checkpoint / "manifest.json").exists():
+        _need_export_extra("the demo without --export (it builds and exports a tiny checkpoint)")
     try:
         own = checkpoint is None                  # the demo's own tiny checkpoint: built once, exported once
         if own:
+            from .tiny import make_tiny_checkpoint
+
             checkpoint = workdir / "tiny-checkpoint"
             if not (checkpoint / "config.json").exists():
                 with _Step(f"building a tiny checkpoint in {checkpoint}"):
@@ -160,16 +172,21 @@ def demo(checkpoint, workdir, backend, dtype, json_out):
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="checkpoint or export folder")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="checkpoint or export folder")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="an export folder (same as --checkpoint EXPORT)")
 @click.option("--image", required=True, type=click.Path(path_type=Path))
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(BACKENDS),
-              help="onnxruntime/tensorrt take an export folder; cuda either")
-@click.option("--dtype", default="fp32", show_default=True)
+@click.option("--backend", default=None, type=click.Choice(BACKENDS),
+              help="default: from the folder (torch for a checkpoint, onnxruntime for an export); cuda either")
+@click.option("--dtype", default="auto", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="write overlays here")
 @click.option("--no-reuse", is_flag=True, help="recompute everything every round (the research code's way)")
 @click.argument("questions", nargs=-1)
-def chat(checkpoint, image, backend, dtype, out, no_reuse, questions):
+def chat(checkpoint, export_dir, image, backend, dtype, out, no_reuse, questions):
     """Segment IMAGE over several rounds: chat ... "q1" "q2 [REF:1]"; interactive when no questions are given."""
+    checkpoint = _folder(checkpoint, export_dir)
+    if checkpoint is None:
+        raise click.UsageError("give --checkpoint or --export")
     _writable_dir(out)
     try:
         model = _load(checkpoint, backend, dtype)
@@ -209,7 +226,7 @@ def chat(checkpoint, image, backend, dtype, out, no_reuse, questions):
 @click.option("--backend", default=None, type=click.Choice(BACKENDS),
               help="default: torch for --checkpoint, onnxruntime for --export; cuda: the GPU (onnxruntime CUDA "
                    "provider for an export, torch on CUDA for a checkpoint); tensorrt: engines from build-engines")
-@click.option("--dtype", default="fp32", show_default=True, help="torch backend dtype")
+@click.option("--dtype", default="auto", show_default=True, help="torch backend dtype (an export runs as exported)")
 @click.option("--rounds", default=8, show_default=True)
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--warmup", default=1, show_default=True)
@@ -224,7 +241,6 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
     from tqdm import tqdm
 
     from . import bench as B
-    from .tiny import make_tiny_checkpoint
 
     if checkpoint and export_dir:
         raise click.UsageError("give --checkpoint or --export, not both")
@@ -242,6 +258,9 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
             if path is None:
                 path = Path("segllm-demo") / "tiny-checkpoint"
                 if not (path / "config.json").exists():
+                    _need_export_extra("bench without --export (it builds a tiny checkpoint)")
+                    from .tiny import make_tiny_checkpoint
+
                     with _Step(f"building a tiny checkpoint in {path}"):
                         make_tiny_checkpoint(path, force=True)
         model = _load(path, backend, dtype)
@@ -284,10 +303,6 @@ def _register() -> None:
 
 
 _register()
-
-
-def _main_module() -> None:  # python -m segllm_edge
-    sys.exit(main())
 
 
 if __name__ == "__main__":  # pragma: no cover

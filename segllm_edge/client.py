@@ -22,7 +22,8 @@ import numpy as np
 
 from . import limits
 from .errors import BackendError, ImageError, SegLLMError, SessionError
-from .serving.wire import ERROR_CLASSES, OUTPUT_NAMES, decode_mask_png, parse_bracketed
+from .contracts.serving import OUTPUT_NAMES
+from .serving.wire import ERROR_CLASSES, decode_mask_png, parse_bracketed
 
 #: seconds a request may take before the client gives up (a HIPIE round on a CPU is seconds)
 DEFAULT_TIMEOUT_S = 300.0
@@ -61,7 +62,7 @@ def _image_bytes(image) -> bytes:
     from PIL import Image
 
     if isinstance(image, np.ndarray):
-        from .modeling.preprocess import load_image
+        from .pipeline.images import load_image
 
         image = Image.fromarray(load_image(image))
     if isinstance(image, Image.Image):
@@ -174,7 +175,7 @@ class RemoteSession:
     def ask(self, question: str, refs=None) -> RemoteRoundResult:
         limits.check_question(question)               # the server checks again; fail here without a request
         refs = limits.check_refs(refs)
-        from .modeling.tokenizer import split_refs
+        from .pipeline.tokenizer import split_refs
 
         text, inline = split_refs(question)
         arrays = {"question": _bytes1(question.encode("utf-8"))}

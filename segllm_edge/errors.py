@@ -18,7 +18,7 @@ class ImageError(SegLLMError):
     """An image could not be read or is of an unsupported kind."""
 
 
-class ReferenceError_(SegLLMError):
+class RoundReferenceError(SegLLMError):
     """A question refers to a round that does not exist or has no mask."""
 
 
@@ -37,9 +37,6 @@ class SessionError(SegLLMError):
 class BackendError(SegLLMError):
     """A backend is unknown or cannot run here (for example a missing optional package)."""
 
-
-# ``ReferenceError`` is a Python builtin; export the project's under a clear alias too.
-RoundReferenceError = ReferenceError_
 
 __all__ = [
     "SegLLMError",

@@ -20,7 +20,7 @@ from conftest import GOLDEN_QUESTIONS
 from segllm_edge import limits
 from segllm_edge.errors import (CheckpointError, ConfigError, ContextOverflowError, ImageError, QuestionError,
                                 RoundReferenceError, SegLLMError)
-from segllm_edge.modeling.preprocess import load_image
+from segllm_edge.pipeline.images import load_image
 
 
 def _png(w: int, h: int, mode: str = "1") -> bytes:
@@ -101,7 +101,7 @@ def test_bad_questions_are_refused_and_leave_the_session(sess, q, refs, err, mat
 
 
 def test_repeated_reference_groups_leave_no_literal(sess):
-    from segllm_edge.modeling.tokenizer import split_refs
+    from segllm_edge.pipeline.tokenizer import split_refs
 
     assert split_refs("Segment it.[REF:1][REF:1]") == ("Segment it.", [1, 1])
     assert "[REF" not in split_refs("Segment it. [REF:1] [ref:1]")[0]
@@ -228,14 +228,14 @@ def test_config_with_wrong_types(golden_ckpt, tmp_path):
 
 
 def test_export_without_tokenizer(tmp_path):
-    from segllm_edge.modeling.tokenizer import SegLLMTokenizer
+    from segllm_edge.pipeline.tokenizer import SegLLMTokenizer
 
     with pytest.raises(CheckpointError, match="no tokenizer in"):
         SegLLMTokenizer.from_folder(tmp_path / "tokenizer")
 
 
 def _fake_export(folder, golden_model):
-    from segllm_edge.export.manifest import build_manifest
+    from segllm_edge.contracts.manifest import build_manifest
 
     m = build_manifest(golden_model.info)
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,11 @@ import pytest
 from PIL import Image
 
 from segllm_edge import ImageError
-from segllm_edge.modeling.preprocess import clip_preprocess, load_image
+from segllm_edge.pipeline.images import clip_preprocess, load_image
 
 
 def test_clip_preprocess_matches_research_code(golden_image, golden_rounds):
-    x = clip_preprocess(load_image(golden_image)).numpy()
+    x = clip_preprocess(load_image(golden_image))
     assert np.abs(x - golden_rounds[1]["image_encode_pixel_values"]).max() < 1e-6
 
 

@@ -30,11 +30,11 @@ from onnx import TensorProto, helper
 import segllm_edge
 from conftest import GOLDEN_QUESTIONS
 from segllm_edge.errors import BackendError
-from segllm_edge.export.manifest import Manifest, TensorSpec
+from segllm_edge.contracts.manifest import Manifest, TensorSpec
 from segllm_edge.export.tensorrt import builder as B
-from segllm_edge.export.tensorrt import cache as C
+from segllm_edge.contracts import engines as C
 from segllm_edge.export.tensorrt import ops
-from segllm_edge.export.tensorrt import profiles as P
+from segllm_edge.contracts import engine_profiles as P
 
 FAKE_DEVICE = C.DeviceInfo("NVIDIA Fake GPU 80GB", (9, 0), "10.1.0.27")
 
@@ -800,11 +800,11 @@ def test_trt_backend_matches_onnxruntime(fake_build, ort_model, golden_image, re
         # token accounting identical to onnxruntime: the BOS token is in the cache and counted once
         assert (a.context_tokens, a.new_tokens, a.memory["kv_cache"]) == (b.context_tokens, b.new_tokens,
                                                                           b.memory["kv_cache"])
-        h, hr = a.trace["hidden"].numpy(), b.trace["hidden"].numpy()
+        h, hr = np.asarray(a.trace["hidden"]), np.asarray(b.trace["hidden"])  # the session's arrays are numpy
         assert h.shape == hr.shape
         assert np.abs(h - hr).max() <= 1e-4 * max(1.0, np.abs(hr).max())
         for k in ("pred_masks", "pred_logits"):
-            assert np.allclose(a.trace["raw"][k].numpy(), b.trace["raw"][k].numpy(), rtol=1e-3, atol=1e-3)
+            assert np.allclose(np.asarray(a.trace["raw"][k]), np.asarray(b.trace["raw"][k]), rtol=1e-3, atol=1e-3)
         assert a.query_index == b.query_index and np.array_equal(a.mask, b.mask)
     if reuse:
         assert s_trt._cache.length == s_ort._cache.length == s_trt.context_length
@@ -829,7 +829,7 @@ def test_trt_backend_chunked_prefill_and_crop(fake_build, ort_model):
     ids = torch.tensor([be.tokenizer.bos_id] + list(range(5, 5 + 40)))
     emb = be.embed_tokens(ids)[None]
     ref_cache = ort_model.backend.new_cache()
-    ref = ort_model.backend.llm(emb, ref_cache)
+    ref = torch.from_numpy(ort_model.backend.llm(emb, ref_cache))   # onnxruntime's backend returns numpy
     # profiles that allow only 16 new tokens per call: the prefill is split, the result is the same
     llm = be.engines["llm"]
     llm.profiles = [P.Profile("small", {"batch": P.AxisRange(1, 1, 1), "seq": P.AxisRange(1, 8, 16),
@@ -849,7 +849,8 @@ def test_trt_backend_chunked_prefill_and_crop(fake_build, ort_model):
         assert mine.shape == theirs.shape and np.allclose(mine.numpy(), theirs, rtol=1e-4, atol=1e-5)
     # and the conversation goes on from there like onnxruntime's
     more = be.embed_tokens(torch.arange(7, 12))[None]
-    assert torch.allclose(be.llm(more, cache), ort_model.backend.llm(more, ref_cache), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(be.llm(more, cache), torch.from_numpy(ort_model.backend.llm(more, ref_cache)), rtol=1e-4,
+                          atol=1e-5)
     # a first call that does not start with BOS cannot use the BOS prefix
     with pytest.raises(BackendError, match="BOS"):
         be.llm(more, be.new_cache())
@@ -873,7 +874,7 @@ def test_trt_backend_fp16_kv_cache(fake_build, ort_model, tmp_path, monkeypatch)
     ids = torch.tensor([be.tokenizer.bos_id] + list(range(5, 45)))
     emb = be.embed_tokens(ids)[None]
     cache, ref_cache = be.new_cache(), ort_model.backend.new_cache()
-    out, ref = be.llm(emb, cache), ort_model.backend.llm(emb, ref_cache)
+    out, ref = be.llm(emb, cache), torch.from_numpy(ort_model.backend.llm(emb, ref_cache))
     assert cache.views()[0].dtype == torch.float16
     assert cache.length == ref_cache.length and 2 * cache.nbytes() == ref_cache.nbytes()
     assert (out - ref).abs().max() <= 1e-2 * ref.abs().max()

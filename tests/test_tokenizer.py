@@ -1,8 +1,8 @@
 """Prompt construction and tokenization match the research code's ids."""
 import pytest
 
-from segllm_edge.modeling.tokenizer import SegLLMTokenizer, round_text
-from segllm_edge.modeling.tokenizer import split_refs
+from segllm_edge.pipeline.tokenizer import SegLLMTokenizer, round_text
+from segllm_edge.pipeline.tokenizer import split_refs
 
 
 @pytest.fixture(scope="module")

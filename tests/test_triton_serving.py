@@ -345,7 +345,7 @@ def test_server_restart_loses_conversations_with_session_error(server, client, k
 
 # -- no server needed ----------------------------------------------------------------------------
 def test_generated_repository_follows_the_manifest(export_dir, tmp_path):
-    from segllm_edge.export.manifest import Manifest
+    from segllm_edge.contracts.manifest import Manifest
     from segllm_edge.serving.repository import describe_repository, generate_repository
 
     m = Manifest.load(export_dir)

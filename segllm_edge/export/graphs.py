@@ -105,7 +105,7 @@ def example_inputs(name: str, info, generator: torch.Generator | None = None):
     if name == "mask_backbone":
         return (r(1, 3, 1024, 1024),)
     if name == "mask_decoder":
-        from .manifest import HIPIE_LEVELS
+        from ..contracts.manifest import HIPIE_LEVELS
 
         return (*[r(1, 256, h, w) for h, w in HIPIE_LEVELS], r(2, 8, 768))
     raise KeyError(name)

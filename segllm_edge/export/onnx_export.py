@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import shutil
 import warnings
@@ -14,7 +13,7 @@ import torch
 
 from ..errors import CheckpointError
 from .graphs import GRAPH_MODULES, dynamic_shapes, example_inputs
-from .manifest import Manifest, build_manifest
+from ..contracts.manifest import Manifest, build_manifest
 
 OPSET = 18
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -101,7 +100,7 @@ def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool =
                  drift_report: bool = True) -> Manifest:
     """Write every graph, the manifest, the tokenizer and the token embedding table into ``out_dir``."""
     from ..modeling.loader import load_checkpoint
-    from .quantize import PRECISIONS
+    from ..contracts.precisions import EXPORT_PRECISIONS as PRECISIONS
 
     if precision not in PRECISIONS:
         raise CheckpointError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -143,7 +142,3 @@ def graph_sizes(folder: Path, manifest: Manifest) -> dict[str, int]:
             total += data.stat().st_size
         sizes[name] = total
     return sizes
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1))

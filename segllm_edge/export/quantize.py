@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+from ..contracts.demo import DEMO_QUESTIONS as DRIFT_QUESTIONS
+from ..contracts.precisions import EXPORT_PRECISIONS as PRECISIONS
+
 FP16_GRAPHS = ("vision_encoder", "mask_encoder", "llm", "seg_head")
 FP16_KEEP_FP32_OPS = ["LayerNormalization", "SimplifiedLayerNormalization", "ReduceMean", "Pow", "Sqrt",
                       "Reciprocal", "Softmax", "Cos", "Sin"]
 GUARD_MIN_IOU = 0.9  # a round whose mask IoU vs fp32 falls below this fails the accuracy guard
-DRIFT_QUESTIONS = ("Segment the red circle.", "Segment the blue square next to it.[REF:1]",
-                   "Segment the object above instance 2.[REF:2]")
 
 
 def _external(path: Path) -> bool:
@@ -29,7 +29,7 @@ def _external(path: Path) -> bool:
 
 
 def _require_onnxruntime():
-    from ..runtime.ort_backend import require_onnxruntime
+    from ..contracts.ort import require_onnxruntime
 
     return require_onnxruntime()
 
@@ -90,7 +90,7 @@ def _replace(tmp: Path, path: Path) -> None:
 
 def run_conversation(export_dir: Path) -> list:
     import segllm_edge
-    from ..cli import demo_image
+    from ..contracts.demo import demo_image
 
     model = segllm_edge.load(export_dir, backend="onnxruntime")
     s = model.session(demo_image(), trace=True)
@@ -105,7 +105,7 @@ def _iou(a, b) -> float:
 def quantize_export(export_dir, precision: str, drift_report: bool = True, progress: bool = True):
     """Convert an fp32 export in place to ``precision``; writes ``drift_report.json``; returns the manifest."""
     from ..errors import CheckpointError
-    from .manifest import Manifest
+    from ..contracts.manifest import Manifest
     from .onnx_export import graph_sizes
 
     folder = Path(export_dir)
@@ -133,7 +133,7 @@ def quantize_export(export_dir, precision: str, drift_report: bool = True, progr
         got = run_conversation(folder)
         rounds = []
         for i, (a, b) in enumerate(zip(ref, got), 1):
-            ha, hb = a.trace["hidden"].numpy(), b.trace["hidden"].numpy()
+            ha, hb = np.asarray(a.trace["hidden"]), np.asarray(b.trace["hidden"])
             err = np.abs(ha - hb)
             rounds.append({"round": i, "mask_iou_vs_fp32": _iou(a.model_mask, b.model_mask),
                            "hidden_max_rel_err": float(err.max() / max(np.abs(ha).max(), 1e-12)),

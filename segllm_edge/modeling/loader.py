@@ -15,8 +15,9 @@ from ..errors import CheckpointError
 from . import checkpoint as ckpt
 from .hipie import model as hipie_model
 from .llm import llama_config
-from .segllm import ModelInfo, SegLLMModel
-from .tokenizer import SegLLMTokenizer
+from ..contracts.model_info import ModelInfo
+from .segllm import SegLLMModel
+from ..pipeline.tokenizer import SegLLMTokenizer
 from .vision import clip_config_from_weights
 
 CLIP_PREFIX = "model.vision_tower.vision_tower.vision_model."

@@ -1,38 +1,12 @@
 """All parts of the released SegLLM as one PyTorch module (the reference every backend is checked against)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 from torch import nn
 
 from .hipie.model import HipieMaskDecoder
 from .llm import LanguageModel
 from .projectors import MLPProjector, SegHead
 from .vision import ClipVisionTower, MaskEncoder, VisionEncoder
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the rest of the package needs to know about a loaded model."""
-
-    hidden_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    clip_hidden: int
-    clip_image_size: int
-    image_tokens: int  # patch tokens per image (256 for CLIP-L/14 at 224)
-    max_context: int  # tokens (tokenizer model_max_length; 2048 for the release)
-    video_token_id: int
-    seg_token_id: int
-    eos_token_id: int
-    dtype: str
-
-    def kv_bytes_per_token(self, itemsize: int | None = None) -> int:
-        item = itemsize or torch.tensor([], dtype=getattr(torch, self.dtype)).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * item
 
 
 class SegLLMModel(nn.Module):

@@ -18,20 +18,17 @@ stays usable after an error.  Inputs are checked against :mod:`segllm_edge.limit
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .. import limits
 from ..errors import ContextOverflowError, QuestionError, RoundReferenceError, SessionError
-from ..modeling.hipie.preprocess import hipie_preprocess
-from ..modeling.hipie.selection import select_instance
-from ..kernels import postprocess_mask  # fused Triton kernel for CUDA tensors, PyTorch reference otherwise
-from ..modeling.mask_postprocess import box_to_original, masked_crop
-from ..modeling.preprocess import clip_preprocess, load_image
-from ..modeling.tokenizer import round_text, split_refs
-from .backend import Backend
+from ..pipeline.images import clip_preprocess, hipie_preprocess, load_image
+from ..pipeline.masks import box_to_original, masked_crop, postprocess_mask
+from ..pipeline.selection import mask_row, select_instance
+from ..pipeline.tokenizer import round_text, split_refs
+from .backend import Backend, host
 from .profiler import StageTimer
 from .results import RoundResult
 from .transaction import snapshot
@@ -47,21 +44,23 @@ class _Round:
     refs: tuple[int, ...]
     ids: list[int]
     result: RoundResult
-    crop_pixels: torch.Tensor        # (3,224,224) CLIP input of the masked crop
-    bbox_vec: torch.Tensor           # (4,) [y0,x0,y1,x1]/1024
-    mask_tokens: torch.Tensor | None = None  # (2,H) once encoded (reuse mode)
+    crop_pixels: np.ndarray          # (3,224,224) CLIP input of the masked crop
+    bbox_vec: np.ndarray             # (4,) [y0,x0,y1,x1]/1024
+    mask_tokens: np.ndarray | None = None  # (2,H) once encoded (reuse mode)
 
 
 @dataclass
-class _Image:
+class ImageState:
+    """What a session keeps of its image: the preprocessed inputs and, once encoded, the image tokens and
+    the HIPIE backbone features (the backend's own arrays: they may live on its device)."""
+
     rgb: np.ndarray                  # original HxWx3 uint8
-    clip_pixels: torch.Tensor        # (1,3,224,224)
-    hipie_input: torch.Tensor        # (1,3,1024,1024) normalised
+    clip_pixels: np.ndarray          # (1,3,224,224) float32
+    hipie_input: np.ndarray          # (1,3,1024,1024) float32, normalised
     resized_padded: np.ndarray       # (1024,1024,3) uint8
     input_hw: tuple[int, int]
-    image_tokens: torch.Tensor | None = None     # (1,256,H)
-    features: list[torch.Tensor] | None = None   # HIPIE backbone levels
-    extra: dict = field(default_factory=dict)
+    image_tokens: np.ndarray | None = None     # (1,256,H) float32
+    features: list | None = None               # HIPIE backbone levels
 
 
 class Session:
@@ -74,7 +73,7 @@ class Session:
         self.max_bytes = limits.check_byte_budget("max_bytes", max_bytes)
         self.rgb = load_image(image)  # raises ImageError before any state exists
         self.rounds: list[_Round] = []
-        self._image: _Image | None = None
+        self._image: ImageState | None = None
         self._cache = None
         self._closed = False
         info = backend.info
@@ -99,8 +98,8 @@ class Session:
         """Bytes held by this session: KV cache, image features, mask memory."""
         total = self.kv_cache_bytes() + self.rgb.nbytes
 
-        def tb(t):
-            return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+        def tb(a):
+            return int(a.nbytes) if a is not None else 0  # numpy arrays and torch tensors both have nbytes
 
         if self._image is not None:
             im = self._image
@@ -177,28 +176,33 @@ class Session:
                     f"of {self.max_kv_bytes} bytes; start a new session or raise max_kv_bytes")
 
     # ---------------------------------------------------------------- stages
-    def _prepare_image(self, t: StageTimer) -> _Image:
+    def prepare_image(self, t: StageTimer) -> ImageState:
+        """Preprocess this session's image and encode it (image tokens, HIPIE backbone features).
+
+        The hook the round loop calls once per image (every round with ``reuse=False``); a subclass that
+        gets the encoded image from elsewhere (the Triton BLS model: from the ``encode_image`` ensemble)
+        overrides this one method and returns an :class:`ImageState` with ``image_tokens`` and ``features`` set.
+        """
         with t.stage("preprocess"):
             clip_pixels = clip_preprocess(self.rgb, self.backend.info.clip_image_size)[None]
             hipie_input, resized, input_hw = hipie_preprocess(self.rgb)
-        return _Image(self.rgb, clip_pixels, hipie_input, resized, tuple(int(v) for v in input_hw))
-
-    def _encode_image(self, im: _Image, t: StageTimer) -> None:
+        im = ImageState(self.rgb, clip_pixels, hipie_input, resized, tuple(int(v) for v in input_hw))
         with t.stage("vision_encoder"):
-            im.image_tokens = self.backend.encode_image(im.clip_pixels)
+            im.image_tokens = host(self.backend.encode_image(im.clip_pixels))
         with t.stage("mask_backbone"):
             im.features = self.backend.mask_backbone(im.hipie_input)
+        return im
 
-    def _mask_tokens(self, refs: tuple[int, ...], t: StageTimer, cached: bool) -> torch.Tensor:
+    def _mask_tokens(self, refs: tuple[int, ...], t: StageTimer, cached: bool) -> np.ndarray:
         """(2*len(refs), H): mask token then box token for each reference, in order."""
         if not refs:
-            return torch.zeros(0, self.backend.info.hidden_size)
+            return np.zeros((0, self.backend.info.hidden_size), dtype=np.float32)
         todo = sorted({r for r in refs if not cached or self.rounds[r - 1].mask_tokens is None})
         if todo:
             with t.stage("mask_encoder"):
-                crops = torch.stack([self.rounds[r - 1].crop_pixels for r in todo])
-                boxes = torch.stack([self.rounds[r - 1].bbox_vec for r in todo])
-                enc = self.backend.encode_masks(crops, boxes)
+                crops = np.stack([self.rounds[r - 1].crop_pixels for r in todo])
+                boxes = np.stack([self.rounds[r - 1].bbox_vec for r in todo])
+                enc = host(self.backend.encode_masks(crops, boxes))
             fresh = {r: enc[i] for i, r in enumerate(todo)}
             if cached:
                 for r, tok in fresh.items():
@@ -206,17 +210,17 @@ class Session:
         else:
             fresh = {}
         rows = [fresh[r] if r in fresh else self.rounds[r - 1].mask_tokens for r in refs]
-        return torch.cat(rows, dim=0)
+        return np.concatenate(rows, axis=0)
 
-    def _embed(self, ids: list[int], extras: torch.Tensor) -> torch.Tensor:
+    def _embed(self, ids: list[int], extras: np.ndarray) -> np.ndarray:
         """Token embeddings with the placeholder features *added* to the ``<video>`` rows (released quirk)."""
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        emb = self.backend.embed_tokens(ids_t).clone()
-        pos = (ids_t == self.backend.info.video_token_id).nonzero().flatten()
-        if pos.numel() != extras.shape[0]:
-            raise RuntimeError(f"internal: {pos.numel()} <video> tokens for {extras.shape[0]} placeholder rows")
-        if pos.numel():
-            emb[pos.to(emb.device)] += extras.to(emb.device, emb.dtype)
+        ids_a = np.asarray(ids, dtype=np.int64)
+        emb = np.array(host(self.backend.embed_tokens(ids_a)), dtype=np.float32)  # a copy we may add to
+        pos = np.flatnonzero(ids_a == self.backend.info.video_token_id)
+        if pos.size != extras.shape[0]:
+            raise RuntimeError(f"internal: {pos.size} <video> tokens for {extras.shape[0]} placeholder rows")
+        if pos.size:
+            emb[pos] += extras
         return emb
 
     # ------------------------------------------------------------------ ask
@@ -258,73 +262,69 @@ class Session:
 
     def _run_cached(self, new_ids, refs, first, t):
         if first:
-            self._image = self._prepare_image(t)
-            self._encode_image(self._image, t)
+            self._image = self.prepare_image(t)
             self._cache = self.backend.new_cache()
             extras = self._image.image_tokens[0]
         else:
             extras = self._mask_tokens(refs, t, cached=True)
         emb = self._embed(new_ids, extras)
         with t.stage("llm_prefill"):
-            hidden = self.backend.llm(emb[None], self._cache)[0]
+            hidden = host(self.backend.llm(emb[None], self._cache))[0]
         seg_pos = _seg_positions(new_ids, self.backend.info.seg_token_id)[-1:]
         return self._decode(hidden, seg_pos, self._image, t, emb)
 
     def _run_full(self, all_ids, refs, t):
-        im = self._prepare_image(t)
-        self._encode_image(im, t)
+        im = self.prepare_image(t)
         self._image = im
         # every placeholder of the whole conversation, in prompt order: image, then each round's refs
         flat_refs = tuple(r for past in self.rounds[1:] for r in past.refs) + refs
-        rows = [im.image_tokens[0], self._mask_tokens(flat_refs, t, cached=False).to(im.image_tokens)]
-        emb = self._embed(all_ids, torch.cat(rows, dim=0))
+        rows = [im.image_tokens[0], self._mask_tokens(flat_refs, t, cached=False)]
+        emb = self._embed(all_ids, np.concatenate(rows, axis=0))
         with t.stage("llm_prefill"):
-            hidden = self.backend.llm(emb[None], None)[0]
+            hidden = host(self.backend.llm(emb[None], None))[0]
         seg_pos = _seg_positions(all_ids, self.backend.info.seg_token_id)
         return self._decode(hidden, seg_pos, im, t, emb)
 
-    def _decode(self, hidden, seg_pos, im: _Image, t, emb):
-        rows = torch.tensor(seg_pos) - 1  # the position that predicts <seg>
+    def _decode(self, hidden, seg_pos, im: ImageState, t, emb):
+        rows = np.asarray(seg_pos) - 1  # the position that predicts <seg>
         with t.stage("seg_head"):
             seg_in = hidden[rows]
             cond = self.backend.seg_head(seg_in)
         with t.stage("mask_decoder"):
             raw = self.backend.mask_decode(im.features, cond)
         with t.stage("postprocess"):
-            sel = select_instance(raw, index=-1)
+            # only the newest <seg>, and of the masks only the selected query's (a device stays a device)
+            sel = select_instance({k: host(raw[k][-1:]) for k in ("pred_logits", "pred_boxes", "pred_boxious")})
+            sel["mask_logits"] = mask_row(raw["pred_masks"], -1, sel["query_index"])
         trace = None
         if self.trace:
-            trace = dict(inputs_embeds=emb.float().cpu(), hidden=hidden.float().cpu(), seg_in=seg_in.float().cpu(),
-                         seg_out=cond.float().cpu(), raw={k: v.float().cpu() for k, v in raw.items()}, selection=sel)
+            trace = dict(inputs_embeds=emb, hidden=hidden, seg_in=seg_in, seg_out=_trace(cond),
+                         raw={k: _trace(v) for k, v in raw.items()}, selection=sel)
         return sel, trace, emb.shape[0]
 
     def _finish(self, text, refs, new_ids, sel, trace, prefill_tokens, t) -> RoundResult:
         im = self._image
         with t.stage("postprocess"):
-            logits = sel["mask_logits"].float()
-            pp = {k: v.cpu() for k, v in postprocess_mask(logits, im.input_hw, self.rgb.shape[:2]).items()}
-            logits = logits.cpu()
-            box1024 = sel["box_xyxy"].float().cpu()
+            logits = sel["mask_logits"]
+            pp = postprocess_mask(logits, im.input_hw, self.rgb.shape[:2])
+            box1024 = sel["box_xyxy"]
             box = box_to_original(box1024, im.input_hw, self.rgb.shape[:2])
         with t.stage("crop"):
-            model_mask = pp["model_mask"]
-            model_mask_np = model_mask.numpy() if isinstance(model_mask, torch.Tensor) else np.asarray(model_mask)
-            crop, _, bbox_vec = masked_crop(im.resized_padded, model_mask_np, box1024.numpy())
-            crop_pixels = clip_preprocess(np.asarray(crop), self.backend.info.clip_image_size)
+            model_mask_np = pp["model_mask"]
+            crop, _, bbox_vec = masked_crop(im.resized_padded, model_mask_np, box1024)
+            crop_pixels = clip_preprocess(crop, self.backend.info.clip_image_size)
         n = len(self.rounds) + 1
         if trace is not None:
             trace.update(input_ids=[i for r in self.rounds for i in r.ids] + list(new_ids), crop=np.asarray(crop),
                          crop_pixels=crop_pixels, bbox_vec=np.asarray(bbox_vec))
         result = RoundResult(
             round=n, question=text, refs=refs,
-            mask=_np(pp["mask"]).astype(bool), box=_np(box).astype(np.float32),
-            model_mask=model_mask_np.astype(bool), model_box=box1024.numpy().astype(np.float32),
-            mask_logits=logits.numpy(), score=float(sel["score"]), query_index=int(sel["query_index"]),
+            mask=pp["mask"], box=box, model_mask=model_mask_np, model_box=box1024.astype(np.float32),
+            mask_logits=logits, score=float(sel["score"]), query_index=int(sel["query_index"]),
             timings=dict(t.ms), new_tokens=int(prefill_tokens),
             context_tokens=self.context_length + len(new_ids), trace=trace,
         )
-        self.rounds.append(_Round(text, refs, list(new_ids), result, crop_pixels,
-                                  torch.as_tensor(np.asarray(bbox_vec), dtype=torch.float32)))
+        self.rounds.append(_Round(text, refs, list(new_ids), result, crop_pixels, bbox_vec))
         if not self.reuse:
             self._image = None  # the research loop keeps nothing between rounds but crops and boxes
         mem = {"kv_cache": self.kv_cache_bytes(), "session_state": self.state_bytes()}
@@ -335,8 +335,11 @@ class Session:
         return result
 
 
-def _np(x) -> np.ndarray:
-    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+def _trace(x):
+    """A host copy for the trace, in the backend's own array type (a CPU float tensor for the torch backend)."""
+    if hasattr(x, "detach"):
+        return x.detach().float().cpu()
+    return np.array(x, dtype=np.float32)
 
 
 def _seg_positions(ids: list[int], seg_id: int) -> list[int]:

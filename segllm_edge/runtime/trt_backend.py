@@ -13,7 +13,7 @@ concat is inside the engine, as in the onnxruntime graph) and nothing is allocat
 happens only when the capacity grows or a failed round is cropped.
 
 Empty cache (``empty_past='bos_prefix'``, the builder's default; see
-:mod:`segllm_edge.export.tensorrt.profiles`). TensorRT's profiles have ``past >= 1``, so a new
+:mod:`segllm_edge.contracts.engine_profiles`). TensorRT's profiles have ``past >= 1``, so a new
 conversation's cache starts with the K/V of the BOS token at position 0, read from
 ``llm_bos_prefix.npz`` next to the engines. On the first call the backend checks that the first
 embedding row is the BOS embedding, writes its K/V into the cache, returns the stored BOS hidden state
@@ -32,20 +32,19 @@ module with a stand-in ``tensorrt`` module that executes the ONNX graphs with on
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..contracts.engine_profiles import Profile, profiles_from_json, select_profile
+from ..contracts.engines import (BOS_PREFIX_FILE, DEFAULT_ENGINES_SUBDIR, REBUILD_HINT, current_device, find_engine,
+                                 require_tensorrt)
+from ..contracts.manifest import Manifest, kv_names
+from ..contracts.model_info import ModelInfo
 from ..errors import BackendError, CheckpointError
-from ..export.manifest import Manifest, kv_names
-from ..export.tensorrt.builder import BOS_PREFIX_FILE, DEFAULT_ENGINES_SUBDIR, require_tensorrt
-from ..export.tensorrt.cache import REBUILD_HINT, current_device, find_engine
-from ..export.tensorrt.profiles import Profile, profiles_from_json, select_profile
-from ..modeling.segllm import ModelInfo
-from ..modeling.tokenizer import SegLLMTokenizer
+from ..pipeline.tokenizer import SegLLMTokenizer
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                  "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
@@ -317,7 +316,7 @@ class TrtBackend:
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_export(cls, path, engines_dir=None, device: str = "cuda", precision: str | None = None,
-                    allow_other_gpu: bool = False, **_ignored) -> "TrtBackend":
+                    allow_other_gpu: bool = False) -> "TrtBackend":
         """Load the engines for the export at ``path`` (default ``<path>/engines``) on ``device``.
 
         ``precision``: which engines when several were built (fp16, bf16, ...); the HIPIE graphs' fp32
@@ -405,25 +404,26 @@ class TrtBackend:
         return bos
 
     # ------------------------------------------------------------------ helpers
-    def _dev(self, t: torch.Tensor, dtype=None) -> torch.Tensor:
-        return t.to(self.device, dtype=dtype or torch.float32)
+    def _dev(self, t, dtype=None) -> torch.Tensor:
+        """A session's numpy input (or a tensor) on this backend's device."""
+        return torch.as_tensor(t).to(self.device, dtype=dtype or torch.float32)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     # ----------------------------------------------------------------- protocol
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = np.asarray(self.embed[ids.cpu().numpy()], dtype=np.float32)
+    def embed_tokens(self, ids) -> torch.Tensor:
+        rows = np.asarray(self.embed[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
         return torch.from_numpy(rows).to(self.device)
 
     def encode_image(self, pixels):
         g = self.engines["vision_encoder"]
-        return g.run_rows({"pixel_values": pixels}, "batch")["image_tokens"].float()
+        return g.run_rows({"pixel_values": self._dev(pixels)}, "batch")["image_tokens"].float()
 
     def encode_masks(self, crops, boxes):
         g = self.engines["mask_encoder"]
-        return g.run_rows({"crops": crops, "boxes": boxes}, "masks")["mask_tokens"].float()
+        return g.run_rows({"crops": self._dev(crops), "boxes": self._dev(boxes)}, "masks")["mask_tokens"].float()
 
     def new_cache(self) -> TrtKVCache:
         return TrtKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, self._kv_dtype,
@@ -455,7 +455,7 @@ class TrtBackend:
         return out["hidden_states"]
 
     def llm(self, embeds, cache: TrtKVCache | None):
-        x = embeds.to(self.device, self._embed_dtype).contiguous()
+        x = torch.as_tensor(embeds).to(self.device, self._embed_dtype).contiguous()
         if x.dim() != 3 or x.shape[0] != 1:
             raise BackendError(f"the TensorRT llm runs one conversation at a time (batch 1), got {tuple(x.shape)}")
         if cache is None:  # a stateless call (reuse=False): a throw-away cache
@@ -478,11 +478,11 @@ class TrtBackend:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def seg_head(self, hidden):
-        return self.engines["seg_head"].run_rows({"hidden": hidden}, "n")["conditioning"]
+        return self.engines["seg_head"].run_rows({"hidden": self._dev(hidden)}, "n")["conditioning"]
 
     def mask_backbone(self, image):
         g = self.engines["mask_backbone"]
-        out = g.run({g.spec.inputs[0].name: image})
+        out = g.run({g.spec.inputs[0].name: self._dev(image)})
         return [out[t.name] for t in g.spec.outputs]
 
     def mask_decode(self, features, cond):
@@ -498,10 +498,3 @@ class TrtBackend:
             return None
         engines = sum(g.device_memory_bytes() + g.path.stat().st_size for g in self.engines.values())
         return int(torch.cuda.memory_allocated(self.device)) + int(engines)
-
-    def describe(self) -> str:
-        return json.dumps({"folder": str(self.folder), "engines_dir": str(self.engines_dir), "device": str(self.device),
-                           "engines": {k: {"file": g.path.name, "precision": g.meta["precision"],
-                                           "gpu": g.meta["gpu_name"], "trt": g.meta["trt_version"]}
-                                       for k, g in self.engines.items()},
-                           "empty_past": "empty_tensor" if self.empty_past_ok else "bos_prefix"})

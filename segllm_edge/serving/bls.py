@@ -7,11 +7,11 @@ Layers, each testable without Triton:
   Inside Triton ``call`` is :func:`pb_utils_caller` (``pb_utils.InferenceRequest(...).exec()``);
   in unit tests it is :class:`InProcessCaller`, which runs the same model classes in-process.
   Token embeddings are a table lookup done in the BLS process (the manifest's ``embed_tokens``
-  array, memory-mapped); the KV cache is an :class:`~segllm_edge.runtime.ort_backend.OrtKVCache`
+  array, memory-mapped); the KV cache is a :class:`~segllm_edge.runtime.kv_cache.HostKVCache`
   held in the BLS process and sent with every ``llm`` call (the llm model stays stateless, so
   every conversation shares its instances).
-* :class:`BlsSession` is :class:`~segllm_edge.runtime.session.Session` with the image step
-  replaced by one call to the ``encode_image`` ensemble (preprocess → vision_encoder +
+* :class:`BlsSession` is :class:`~segllm_edge.runtime.session.Session` with its image hook
+  (:meth:`~segllm_edge.runtime.session.Session.prepare_image`) replaced by one call to the ``encode_image`` ensemble (preprocess → vision_encoder +
   mask_backbone) on the encoded image bytes.
 * :class:`ConversationService` holds the conversations: keyed by an unguessable token drawn at
   START (no Triton sequence batcher: capacity is the store's alone), expired after an idle
@@ -22,7 +22,6 @@ Layers, each testable without Triton:
 from __future__ import annotations
 
 import json
-import math
 import secrets
 import threading
 import time
@@ -30,23 +29,20 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 
+from ..contracts.export_folder import open_export
+from ..contracts.manifest import kv_names
+from ..contracts.serving import (ENCODE_IMAGE, HIPIE_IMAGE, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR, PARAM_IDLE_TIMEOUT,
+                                 PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES, PIXEL_VALUES, PREPROCESS_MODEL,
+                                 PREPROCESS_PASSTHROUGH)
 from ..errors import BackendError, ImageError, QuestionError, RoundReferenceError, SessionError
-from ..runtime.session import Session, _Image
+from ..pipeline.tokenizer import SegLLMTokenizer
+from ..runtime.kv_cache import HostKVCache
+from ..runtime.session import ImageState, Session
 from .models import decode_image_bytes, resolve_model_path
 from .pystub import PythonModel, RequestContext
 from .wire import ERROR_CLASSES, bracketed, encode_mask_png, parse_bracketed
 
-PARAM_EXPORT_DIR = "segllm_export_dir"
-PARAM_MAX_CONVERSATIONS = "segllm_max_conversations"
-PARAM_IDLE_TIMEOUT = "segllm_idle_timeout_s"
-PARAM_MAX_SESSION_BYTES = "segllm_max_session_bytes"
-
-#: the ensemble the BLS calls for the image step (the other models are named after the manifest's graphs)
-ENCODE_IMAGE = "encode_image"
-#: what the ensemble returns besides the vision_encoder's and mask_backbone's outputs (from preprocess)
-PREPROCESS_PASSTHROUGH = ("resized_padded", "input_hw")
 
 Caller = Callable[[str, Mapping[str, np.ndarray], Sequence[str]], dict]
 
@@ -63,15 +59,12 @@ class TritonBlsBackend:
     name = "triton-bls"
 
     def __init__(self, export_dir: str | Path, call: Caller):
-        from ..export.manifest import Manifest, kv_names
-        from ..modeling.segllm import ModelInfo
-        from ..modeling.tokenizer import SegLLMTokenizer
-
-        self.folder = Path(export_dir)
-        self.manifest = Manifest.load(self.folder)
-        self.info = ModelInfo(**self.manifest.model)
-        self.tokenizer = SegLLMTokenizer.from_folder(self.folder / self.manifest.tokenizer_dir)
-        self.embed = np.load(self.folder / self.manifest.arrays["embed_tokens"], mmap_mode="r")
+        export = open_export(export_dir)
+        self.folder = export.folder
+        self.manifest = export.manifest
+        self.info = export.info
+        self.tokenizer = SegLLMTokenizer.from_folder(export.tokenizer_dir)
+        self.embed = export.embed_table()
         self.call = call
         self._past, self._present = kv_names(self.info.num_layers)
         g = self.manifest.graphs
@@ -91,10 +84,6 @@ class TritonBlsBackend:
         self.call_ms[graph] = self.call_ms.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
         return [got[o] for o in outs]
 
-    @staticmethod
-    def _np(t) -> np.ndarray:
-        return t.detach().cpu().float().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float32)
-
     # -- the stateless image step as one ensemble call -----------------------------------------
     def encode_image_payload(self, payload: bytes) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -104,50 +93,48 @@ class TritonBlsBackend:
         return got
 
     # -- Backend protocol ----------------------------------------------------------------------
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.embed[ids.cpu().numpy()], dtype=np.float32))
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.embed[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
     def encode_image(self, pixels):
         (name,) = self._io["vision_encoder"][0]
-        return torch.from_numpy(self._run("vision_encoder", {name: self._np(pixels)})[0]).float()
+        return self._run("vision_encoder", {name: pixels})[0]
 
     def encode_masks(self, crops, boxes):
         c, b = self._io["mask_encoder"][0]
-        return torch.from_numpy(self._run("mask_encoder", {c: self._np(crops), b: self._np(boxes)})[0]).float()
+        return self._run("mask_encoder", {c: crops, b: boxes})[0]
 
     def new_cache(self):
-        from ..runtime.ort_backend import OrtKVCache
-
         dt = self._io["llm"][2][self._past[0]]
-        return OrtKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dtype=dt)
+        return HostKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dtype=dt)
 
     def llm(self, embeds, cache):
         keep = cache is not None
         if cache is None:
             cache = self.new_cache()
         emb_name = self._io["llm"][0][0]
-        feeds = {emb_name: self._np(embeds)}
+        feeds = {emb_name: embeds}
         feeds.update(zip(self._past, cache.arrays))
         out = self._run("llm", feeds)
         if keep:
             cache.arrays = [np.ascontiguousarray(a) for a in out[1:]]
-        return torch.from_numpy(out[0]).float()
+        return out[0]
 
     def seg_head(self, hidden):
         (name,) = self._io["seg_head"][0]
-        return torch.from_numpy(self._run("seg_head", {name: self._np(hidden)})[0])
+        return self._run("seg_head", {name: hidden})[0]
 
     def mask_backbone(self, image):
         (name,) = self._io["mask_backbone"][0]
-        return [torch.from_numpy(a) for a in self._run("mask_backbone", {name: self._np(image)})]
+        return self._run("mask_backbone", {name: image})
 
     def mask_decode(self, features, cond):
         ins, outs, _ = self._io["mask_decoder"]
         feat_names = [n for n in ins if n.startswith("features.")]
         cond_name = next(n for n in ins if not n.startswith("features."))
-        feeds = {n: self._np(f) for n, f in zip(feat_names, features)}
-        feeds[cond_name] = self._np(cond)
-        return {n: torch.from_numpy(a) for n, a in zip(outs, self._run("mask_decoder", feeds))}
+        feeds = dict(zip(feat_names, features))
+        feeds[cond_name] = cond
+        return dict(zip(outs, self._run("mask_decoder", feeds)))
 
     def memory_bytes(self):
         return None
@@ -161,21 +148,17 @@ class BlsSession(Session):
         super().__init__(backend, rgb, **kw)
         self.payload = bytes(payload)
 
-    def _prepare_image(self, t) -> _Image:
+    def prepare_image(self, t) -> ImageState:
         if not hasattr(self.backend, "encode_image_payload"):
-            return super()._prepare_image(t)
+            return super().prepare_image(t)
         with t.stage("encode_image"):
             got = self.backend.encode_image_payload(self.payload)
-        im = _Image(self.rgb, torch.zeros(0), torch.zeros(0), np.asarray(got["resized_padded"], dtype=np.uint8),
-                    tuple(int(v) for v in np.asarray(got["input_hw"]).reshape(-1)[:2]))
         b = self.backend
-        im.image_tokens = torch.from_numpy(np.asarray(got[b.vision_outputs[0]], dtype=np.float32))
-        im.features = [torch.from_numpy(np.asarray(got[n])) for n in b.backbone_outputs]
-        return im
-
-    def _encode_image(self, im: _Image, t) -> None:
-        if im.image_tokens is None or im.features is None:
-            super()._encode_image(im, t)
+        empty = np.zeros(0, np.float32)  # the pixels stayed in the ensemble
+        return ImageState(self.rgb, empty, empty, np.asarray(got["resized_padded"], dtype=np.uint8),
+                          tuple(int(v) for v in np.asarray(got["input_hw"]).reshape(-1)[:2]),
+                          image_tokens=np.asarray(got[b.vision_outputs[0]], dtype=np.float32),
+                          features=[np.asarray(got[n]) for n in b.backbone_outputs])
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +400,7 @@ class InProcessCaller:
     as Triton minus the transport.  ``encode_image`` is the ensemble's DAG done by hand."""
 
     def __init__(self, export_dir: str | Path, threads: int | None = None):
-        from ..export.manifest import Manifest
+        from ..contracts.manifest import Manifest
         from .models import OrtGraphModel, PreprocessModel
         from .repository import graph_model_config_dict
 
@@ -429,18 +412,18 @@ class InProcessCaller:
             m.setup(graph_model_config_dict(g, folder / g.file, threads, int(manifest.model["max_context"])))
             self.models[name] = m
         pre = PreprocessModel()
-        pre.setup({"name": "preprocess", "parameters": {
-            "segllm_clip_image_size": {"string_value": str(manifest.model["clip_image_size"])}}})
-        self.models["preprocess"] = pre
+        pre.setup({"name": PREPROCESS_MODEL, "parameters": {
+            PARAM_CLIP_SIZE: {"string_value": str(manifest.model["clip_image_size"])}}})
+        self.models[PREPROCESS_MODEL] = pre
 
     def __call__(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict:
         ctx = RequestContext()
         if model == ENCODE_IMAGE:
-            pre = self.models["preprocess"].infer(dict(inputs), ctx)
+            pre = self.models[PREPROCESS_MODEL].infer(dict(inputs), ctx)
             vis_in = self.models["vision_encoder"].session.get_inputs()[0].name
             bb_in = self.models["mask_backbone"].session.get_inputs()[0].name
-            vis = self.models["vision_encoder"].infer({vis_in: pre["pixel_values"]}, ctx)
-            bb = self.models["mask_backbone"].infer({bb_in: pre["hipie_image"]}, ctx)
+            vis = self.models["vision_encoder"].infer({vis_in: pre[PIXEL_VALUES]}, ctx)
+            bb = self.models["mask_backbone"].infer({bb_in: pre[HIPIE_IMAGE]}, ctx)
             got = {**pre, **vis, **bb}
         else:
             got = self.models[model].infer(dict(inputs), ctx)

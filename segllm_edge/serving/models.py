@@ -17,15 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contracts.serving import (HIPIE_IMAGE, PARAM_AXES, PARAM_AXIS_LIMITS, PARAM_CLIP_SIZE, PARAM_GRAPH_FILE,
+                                PARAM_THREADS, PIXEL_VALUES)
 from ..errors import ImageError
 from .pystub import PythonModel, RequestContext, numpy_dtype
 
-PARAM_GRAPH_FILE = "segllm_graph_file"
-PARAM_GRAPH = "segllm_graph"
-PARAM_THREADS = "segllm_threads"
-PARAM_CLIP_SIZE = "segllm_clip_image_size"
-PARAM_AXES = "segllm_input_axes"          # JSON {input: [dim or axis name, ...]} (the manifest's shapes)
-PARAM_AXIS_LIMITS = "segllm_axis_limits"  # JSON {axis name: max} (segllm_edge.limits.graph_axis_limits)
 
 
 def resolve_model_path(value: str, args: dict | None, model_name: str) -> Path:
@@ -121,7 +117,7 @@ def decode_image_bytes(payload) -> np.ndarray:
     """Encoded PNG/JPEG/... bytes → HxWx3 uint8 RGB; :class:`ImageError` for anything unreadable or over
     the limits of :mod:`segllm_edge.limits` (checked from the header, before decoding)."""
     from ..limits import check_image_bytes
-    from ..modeling.preprocess import read_image
+    from ..pipeline.images import read_image
 
     if isinstance(payload, np.ndarray):
         payload = payload.reshape(-1)[0] if payload.size else b""
@@ -135,14 +131,13 @@ def decode_image_bytes(payload) -> np.ndarray:
 
 def preprocess_arrays(rgb: np.ndarray, clip_size: int) -> dict[str, np.ndarray]:
     """The tensors :class:`PreprocessModel` returns, for an RGB array."""
-    from ..modeling.hipie.preprocess import hipie_preprocess
-    from ..modeling.preprocess import clip_preprocess
+    from ..pipeline.images import clip_preprocess, hipie_preprocess
 
     clip = clip_preprocess(rgb, clip_size)[None]
     hipie, padded, input_hw = hipie_preprocess(rgb)
     return {
-        "pixel_values": np.ascontiguousarray(clip.numpy(), dtype=np.float32),
-        "hipie_image": np.ascontiguousarray(hipie.numpy(), dtype=np.float32),
+        PIXEL_VALUES: np.ascontiguousarray(clip, dtype=np.float32),
+        HIPIE_IMAGE: np.ascontiguousarray(hipie, dtype=np.float32),
         "resized_padded": np.ascontiguousarray(padded, dtype=np.uint8),
         "input_hw": np.asarray(input_hw, dtype=np.int32),
     }

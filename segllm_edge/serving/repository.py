@@ -27,38 +27,17 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from ..contracts.serving import (BLS_INPUTS, BLS_MODEL, BLS_OUTPUTS, ENCODE_IMAGE as ENSEMBLE_MODEL, HIPIE_IMAGE,
+                                 IMAGE_BYTES, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR, PARAM_GRAPH_FILE, PARAM_IDLE_TIMEOUT,
+                                 PARAM_AXES, PARAM_AXIS_LIMITS, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES,
+                                 PARAM_THREADS, PIXEL_VALUES, PREPROCESS_MODEL, PREPROCESS_PASSTHROUGH)
 from ..errors import CheckpointError
 from ..limits import graph_axis_limits
-from .bls import (PARAM_EXPORT_DIR, PARAM_IDLE_TIMEOUT, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES,
-                  PREPROCESS_PASSTHROUGH)
-from .models import PARAM_AXES, PARAM_AXIS_LIMITS, PARAM_CLIP_SIZE, PARAM_GRAPH, PARAM_GRAPH_FILE, PARAM_THREADS
 from .pystub import PARAM_PYTHON, TensorSpec, triton_dtype, write_python_model
 
 TARGETS = ("python", "ngc")
-BLS_MODEL = "segllm"
-ENSEMBLE_MODEL = "encode_image"
-PREPROCESS_MODEL = "preprocess"
 ENTRY = "segllm_edge.serving"
-IMAGE_BYTES = ("image", "TYPE_STRING", [1])
 
-#: the segllm BLS model's request/response tensors (documented in triton_models/README.md)
-BLS_INPUTS = (
-    TensorSpec("start", "TYPE_BOOL", [1], optional=True),           # first round: carries the image
-    TensorSpec("end", "TYPE_BOOL", [1], optional=True),             # last round / close
-    TensorSpec("conversation", "TYPE_STRING", [1], optional=True),  # the token a start's response returned
-    TensorSpec("image", "TYPE_STRING", [1], optional=True),
-    TensorSpec("question", "TYPE_STRING", [1], optional=True),      # required except for a close
-    TensorSpec("refs", "TYPE_INT32", [-1], optional=True),
-)
-BLS_OUTPUTS = (
-    TensorSpec("mask", "TYPE_STRING", [1]),       # PNG (1-bit) of the original-size mask
-    TensorSpec("box", "TYPE_FP32", [4]),
-    TensorSpec("model_box", "TYPE_FP32", [4]),
-    TensorSpec("score", "TYPE_FP32", [1]),
-    TensorSpec("round", "TYPE_INT32", [1]),
-    TensorSpec("timings", "TYPE_STRING", [1]),    # JSON: per-stage ms, BLS overhead
-    TensorSpec("conversation", "TYPE_STRING", [1]),   # the conversation's token (drawn at start)
-)
 
 
 def _dims(shape) -> list[int]:
@@ -72,10 +51,11 @@ def _spec(t) -> TensorSpec:
 def _preprocess_outputs(manifest) -> list[TensorSpec]:
     vis_in = manifest.graphs["vision_encoder"].inputs[0]
     bb_in = manifest.graphs["mask_backbone"].inputs[0]
-    return [TensorSpec("pixel_values", vis_in.dtype, [1, *_dims(vis_in.shape[1:])]),
-            TensorSpec("hipie_image", bb_in.dtype, _dims(bb_in.shape)),
-            TensorSpec("resized_padded", "uint8", [1024, 1024, 3]),
-            TensorSpec("input_hw", "int32", [2])]
+    padded, hw = PREPROCESS_PASSTHROUGH
+    return [TensorSpec(PIXEL_VALUES, vis_in.dtype, [1, *_dims(vis_in.shape[1:])]),
+            TensorSpec(HIPIE_IMAGE, bb_in.dtype, _dims(bb_in.shape)),
+            TensorSpec(padded, "uint8", [1024, 1024, 3]),
+            TensorSpec(hw, "int32", [2])]
 
 
 def _bound_params(graph, max_context: int) -> dict[str, str]:
@@ -92,7 +72,7 @@ def graph_model_config_dict(graph, graph_file, threads: int | None = None, max_c
         "name": graph.name,
         "input": [{"name": t.name, "data_type": triton_dtype(t.dtype), "dims": _dims(t.shape)} for t in graph.inputs],
         "output": [{"name": t.name, "data_type": triton_dtype(t.dtype), "dims": _dims(t.shape)} for t in graph.outputs],
-        "parameters": {PARAM_GRAPH_FILE: {"string_value": str(graph_file)}, PARAM_GRAPH: {"string_value": graph.name},
+        "parameters": {PARAM_GRAPH_FILE: {"string_value": str(graph_file)},
                        PARAM_THREADS: {"string_value": str(threads or 0)}, **bounds},
     }
 
@@ -113,9 +93,9 @@ def _ensemble_config(manifest) -> str:
         f'{{ model_name: "{PREPROCESS_MODEL}" model_version: -1 input_map {{ key: "image" value: "image" }} '
         f'{omap(pre_out)} }}',
         f'{{ model_name: "vision_encoder" model_version: -1 '
-        f'input_map {{ key: "{vis.inputs[0].name}" value: "pixel_values" }} {omap(t.name for t in vis.outputs)} }}',
+        f'input_map {{ key: "{vis.inputs[0].name}" value: "{PIXEL_VALUES}" }} {omap(t.name for t in vis.outputs)} }}',
         f'{{ model_name: "mask_backbone" model_version: -1 '
-        f'input_map {{ key: "{bb.inputs[0].name}" value: "hipie_image" }} {omap(t.name for t in bb.outputs)} }}',
+        f'input_map {{ key: "{bb.inputs[0].name}" value: "{HIPIE_IMAGE}" }} {omap(t.name for t in bb.outputs)} }}',
     ]
     return "\n".join([
         f'name: "{ENSEMBLE_MODEL}"', 'platform: "ensemble"', "max_batch_size: 0",
@@ -180,7 +160,7 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
     ``threads``: onnxruntime intra-op threads per graph model (default: all cores).
     ``link_graphs`` (ngc): symlink the graphs instead of copying them.
     """
-    from ..export.manifest import MANIFEST_NAME, Manifest
+    from ..contracts.manifest import MANIFEST_NAME, Manifest
 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -209,7 +189,7 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
             write_python_model(repo, g.name, f"{ENTRY}.models:OrtGraphModel",
                                [_spec(t) for t in g.inputs], [_spec(t) for t in g.outputs],
                                instance_count=instance_count, sys_path=sys_path,
-                               parameters={PARAM_GRAPH_FILE: str(export / g.file), PARAM_GRAPH: g.name,
+                               parameters={PARAM_GRAPH_FILE: str(export / g.file),
                                            PARAM_THREADS: str(threads or 0),
                                            **_bound_params(g, int(manifest.model["max_context"]))})
         else:
@@ -247,5 +227,4 @@ def describe_repository(repo: str | os.PathLike) -> dict:
     return out
 
 
-__all__ = ["generate_repository", "write_bls_model", "describe_repository", "TARGETS", "BLS_MODEL",
-           "BLS_INPUTS", "BLS_OUTPUTS", "graph_model_config_dict"]
+__all__ = ["generate_repository", "write_bls_model", "describe_repository", "TARGETS", "graph_model_config_dict"]

@@ -18,15 +18,10 @@ ERROR_CLASSES = {
     "SegLLMError": SegLLMError, "LimitError": LimitError, "ConfigError": ConfigError,
 }
 
-#: the ``segllm`` model's outputs, in order
-OUTPUT_NAMES = ("mask", "box", "model_box", "score", "round", "timings", "conversation")
-
 
 def error_name(exc: BaseException) -> str:
-    """The bracketed name of ``exc``: its segllm error class (RoundReferenceError under its public
-    name), ``SessionError`` for sequence errors, ``InternalError`` for anything else."""
-    if isinstance(exc, RoundReferenceError):
-        return "RoundReferenceError"
+    """The bracketed name of ``exc``: its segllm error class, ``SessionError`` for sequence errors,
+    ``InternalError`` for anything else."""
     if type(exc).__name__ == "SequenceError":
         return "SessionError"
     for name, cls in ERROR_CLASSES.items():

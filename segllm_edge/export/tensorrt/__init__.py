@@ -6,4 +6,4 @@ Nothing here imports ``tensorrt`` at module import time; :func:`builder.build_en
 """
 from __future__ import annotations
 
-__all__ = ["ops", "profiles", "cache", "builder"]
+__all__ = ["ops", "builder"]  # profiles and the engine cache: segllm_edge.contracts.engine_profiles, .engines

@@ -30,21 +30,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ...contracts.engines import BOS_PREFIX_FILE, DEFAULT_ENGINES_SUBDIR, require_tensorrt
+from ...contracts.precisions import ENGINE_PRECISIONS as PRECISIONS
 from ...errors import BackendError, CheckpointError
 
-PRECISIONS = ("fp16", "bf16", "fp8", "int8")
 DEFORM_ATTN_MODES = ("gridsample", "plugin")
-DEFAULT_ENGINES_SUBDIR = "engines"
-BOS_PREFIX_FILE = "llm_bos_prefix.npz"
 DEFAULT_FP32_GRAPHS = ("mask_backbone", "mask_decoder")   # HIPIE: fp32 in the research code too
-INSTALL_HINT = (
-    "TensorRT is not installed (the Python module `tensorrt` cannot be imported). TensorRT is not on the "
-    "package registries segllm-edge installs from; get it from NVIDIA: on Jetson it ships with JetPack "
-    "(apt packages `nvidia-tensorrt` and `python3-libnvinfer`; use the system python3 or a venv made with "
-    "--system-site-packages); on x86_64 servers use the NGC container `nvcr.io/nvidia/tensorrt:<yy.mm>-py3` "
-    "(or `pip install tensorrt` with access to pypi.nvidia.com). See docs/tensorrt.md. The onnxruntime backend "
-    "(`load(export, backend=\"onnxruntime\")`, or backend=\"cuda\" with onnxruntime-gpu) works without it."
-)
 
 
 # Whole modules kept fp32 (dynamo export scopes): op types alone leave the RMSNorm's ``+ eps`` and
@@ -60,17 +51,6 @@ def default_fp32_patterns() -> tuple[str, ...]:
     from ..quantize import FP16_KEEP_FP32_OPS
 
     return tuple(f"op:{op}" for op in FP16_KEEP_FP32_OPS) + FP32_SCOPES
-
-
-def require_tensorrt():
-    """``import tensorrt`` or a BackendError saying how to get it."""
-    try:
-        import tensorrt as trt  # noqa: F401
-    except ImportError as exc:
-        raise BackendError(f"{INSTALL_HINT} (import error: {exc})") from None
-    except OSError as exc:  # bindings present, libnvinfer missing (e.g. a bare tensorrt-cuXX-bindings wheel)
-        raise BackendError(f"{INSTALL_HINT} (the bindings are installed but the TensorRT libraries are not: {exc})") from None
-    return trt
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -171,9 +151,9 @@ def plan_build(export_dir, precision: str = "fp16", options: BuildOptions | None
     Raises CheckpointError for a bad export and BackendError for combinations that cannot work."""
     import onnx
 
-    from ..manifest import Manifest
+    from ...contracts.manifest import Manifest
     from .ops import check_graph
-    from .profiles import ProfileLimits, check_profiles, make_profiles
+    from ...contracts.engine_profiles import ProfileLimits, check_profiles, make_profiles
 
     options = options or BuildOptions()
     if precision not in PRECISIONS:
@@ -245,10 +225,10 @@ def write_bos_prefix(export_dir, out_path) -> Path:
     llm graph: the TensorRT backend starts every KV cache with them (``empty_past='bos_prefix'``)."""
     import numpy as np
 
-    from ...modeling.tokenizer import SegLLMTokenizer
-    from ...runtime.ort_backend import require_onnxruntime
-    from ..manifest import Manifest, kv_names
-    from .cache import file_sha256
+    from ...pipeline.tokenizer import SegLLMTokenizer
+    from ...contracts.ort import require_onnxruntime
+    from ...contracts.manifest import Manifest, kv_names
+    from ...contracts.engines import file_sha256
 
     folder = Path(export_dir)
     man = Manifest.load(folder)
@@ -287,8 +267,8 @@ def _layer_node(layer) -> str:
 
 
 def _build_one(trt, logger, plan: GraphPlan, device, options: BuildOptions, timing_blob: bytes | None):
-    from .profiles import input_shapes
-    from ..manifest import Manifest
+    from ...contracts.engine_profiles import input_shapes
+    from ...contracts.manifest import Manifest
 
     flags = 0
     if options.strongly_typed:
@@ -359,8 +339,8 @@ def build_engines(export_dir, precision: str = "fp16", out_dir=None, workspace_g
     trt = require_tensorrt()  # before anything slow: the plain message is the point
     options = options or BuildOptions()
     options.workspace_gb = workspace_gb
-    from .cache import EngineKey, current_device, engine_path, file_sha256, file_stamp, write_sidecar
-    from .profiles import profile_hash, profiles_to_json
+    from ...contracts.engines import EngineKey, current_device, engine_path, file_sha256, file_stamp, write_sidecar
+    from ...contracts.engine_profiles import profile_hash, profiles_to_json
 
     device = current_device()
     if precision == "bf16" and tuple(device.compute_capability) < (8, 0):
@@ -425,7 +405,7 @@ def publish_for_triton(export_dir, built: dict, empty_past: str = "bos_prefix", 
     import os
     import shutil
 
-    from .cache import read_sidecar
+    from ...contracts.engines import read_sidecar
 
     folder = Path(export_dir) / "tensorrt"
     folder.mkdir(parents=True, exist_ok=True)

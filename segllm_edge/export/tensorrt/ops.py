@@ -408,7 +408,7 @@ def op_inventory(onnx_path_or_model) -> dict[str, int]:
 
 def check_export(export_dir) -> dict[str, list[Issue]]:
     """:func:`check_graph` on every graph of an export folder (graph name → issues)."""
-    from ..manifest import Manifest
+    from ...contracts.manifest import Manifest
 
     folder = Path(export_dir)
     manifest = Manifest.load(folder)

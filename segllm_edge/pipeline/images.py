@@ -1,14 +1,16 @@
-"""Image input and the CLIP preprocessing of the released model (PIL + numpy; no torchvision).
+"""Image input and the preprocessing of the released model, in PIL + numpy (no torch, no torchvision).
 
-CLIP (``CLIPImageProcessor`` of openai/clip-vit-large-patch14): convert RGB, resize the
-shortest side to 224 (PIL bicubic), centre crop 224, /255, normalise.
+* CLIP (``CLIPImageProcessor`` of openai/clip-vit-large-patch14): convert RGB, resize the shortest side
+  to 224 (PIL bicubic), centre crop 224, /255, normalise.
+* HIPIE: SAM's ``ResizeLongestSide(1024)`` (bilinear PIL resize of the uint8 RGB image, new size
+  ``int(dim * 1024 / max(h, w) + 0.5)``), zero padding bottom/right to 1024x1024, then ``(x - mean) / std``
+  over the whole padded frame (the padding is normalised too; HIPIE gets no padding mask).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageError
@@ -73,7 +75,7 @@ def load_image(image) -> np.ndarray:
     if isinstance(image, Image.Image):
         check_image_size(image.width, image.height)
         return np.ascontiguousarray(_from_pil(image))
-    if isinstance(image, torch.Tensor):
+    if hasattr(image, "detach") and hasattr(image, "numpy"):  # a torch tensor (without importing torch)
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         a = image
@@ -96,7 +98,7 @@ def load_image(image) -> np.ndarray:
     raise ImageError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or an HxWx3 uint8 array")
 
 
-def clip_preprocess(rgb: np.ndarray, size: int = 224) -> torch.Tensor:
+def clip_preprocess(rgb: np.ndarray, size: int = 224) -> np.ndarray:
     """HxWx3 uint8 → (3, size, size) float32, exactly as CLIPImageProcessor does it."""
     img = Image.fromarray(rgb)
     w, h = img.size
@@ -111,4 +113,32 @@ def clip_preprocess(rgb: np.ndarray, size: int = 224) -> torch.Tensor:
         raise ImageError("internal: CLIP crop larger than the resized image")
     a = a[top:top + size, left:left + size].astype(np.float32) * np.float32(1 / 255)
     a = (a - CLIP_MEAN) / CLIP_STD
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+HIPIE_SIZE = 1024
+HIPIE_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
+HIPIE_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+
+
+def resized_hw(h: int, w: int, target: int = HIPIE_SIZE) -> tuple[int, int]:
+    scale = target * 1.0 / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def hipie_preprocess(rgb_uint8_hwc: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Return ``(normalized (1,3,1024,1024) float32, resized_padded uint8 (1024,1024,3), (h, w))``.
+
+    ``(h, w)`` is the resized size before padding (the valid area of the 1024 frame).
+    """
+    img = np.asarray(rgb_uint8_hwc)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 HxWx3 image, got {img.dtype} {img.shape}")
+    h, w = img.shape[:2]
+    nh, nw = resized_hw(h, w)
+    resized = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
+    padded = np.zeros((HIPIE_SIZE, HIPIE_SIZE, 3), dtype=np.uint8)
+    padded[:nh, :nw] = resized
+    x = padded.transpose(2, 0, 1).astype(np.float32)
+    normalized = ((x - HIPIE_MEAN[:, None, None]) / HIPIE_STD[:, None, None])[None]
+    return np.ascontiguousarray(normalized), padded, (nh, nw)

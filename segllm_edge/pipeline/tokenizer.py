@@ -1,4 +1,5 @@
-"""Tokenizer and the Vicuna-v1 conversation template of the released SegLLM.
+"""Tokenizer and the Vicuna-v1 conversation template of the released SegLLM (``tokenizers`` on the
+folder's tokenizer.json; transformers only for a checkpoint that has nothing but tokenizer.model).
 
 The research code re-tokenizes the whole conversation every round. Text is split at
 special tokens before tokenization, and every round ends with ``</s>``, so a round's
@@ -8,6 +9,7 @@ whole-conversation tokenization.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +73,66 @@ def round_text(question: str, n_image_tokens: int, n_refs: int, first: bool) -> 
     return f"{prefix}{USER}: {user} {ASSISTANT}: {SEG}{EOS}"
 
 
+class _FastTokenizer:
+    """The ``tokenizers`` library on a folder's ``tokenizer.json`` (no transformers): the subset of a
+    transformers tokenizer this module calls, giving the same ids (tests compare the two)."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        self.tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg_file = folder / "tokenizer_config.json"
+        self.config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        self.added_tokens_decoder = {i: t.content for i, t in self.tk.get_added_tokens_decoder().items()}
+        unk = self.config.get("unk_token", "<unk>")
+        self.unk_token_id = self.tk.token_to_id(unk if isinstance(unk, str) else unk.get("content", "<unk>"))
+        bos = self.config.get("bos_token", "<s>")
+        self.bos_token_id = self.tk.token_to_id(bos if isinstance(bos, str) else bos.get("content", "<s>"))
+        self.model_max_length = self.config.get("model_max_length", DEFAULT_MAX_LENGTH)
+
+    def convert_tokens_to_ids(self, token: str):
+        return self.tk.token_to_id(token)
+
+    def __len__(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+
+def _load(folder: Path):
+    if (folder / "tokenizer.json").is_file():
+        return _FastTokenizer(folder)
+    try:  # a checkpoint with only the sentencepiece model: transformers converts it
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise CheckpointError(f"{folder} has no tokenizer.json; reading its tokenizer.model needs transformers "
+                              "(pip install 'segllm-edge[export]')") from None
+    return _TransformersTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+
+
+class _TransformersTokenizer:
+    def __init__(self, tok):
+        self.tok = tok
+        self.added_tokens_decoder = {i: getattr(v, "content", str(v))
+                                     for i, v in getattr(tok, "added_tokens_decoder", {}).items()}
+        self.unk_token_id = tok.unk_token_id
+        self.bos_token_id = tok.bos_token_id
+        self.model_max_length = getattr(tok, "model_max_length", DEFAULT_MAX_LENGTH)
+
+    def convert_tokens_to_ids(self, token: str):
+        return self.tok.convert_tokens_to_ids(token)
+
+    def __len__(self) -> int:
+        return len(self.tok)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tok(text, add_special_tokens=add_special_tokens).input_ids)
+
+
 @dataclass
 class SegLLMTokenizer:
-    tok: object  # a transformers tokenizer
+    tok: object  # _FastTokenizer (tokenizer.json through `tokenizers`) or _TransformersTokenizer
     video_id: int
     seg_id: int
     eos_id: int
@@ -82,15 +141,15 @@ class SegLLMTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "SegLLMTokenizer":
-        from transformers import AutoTokenizer
-
         folder = Path(folder)
         if not folder.is_dir() or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             raise CheckpointError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer.model there "
                                   "(an export keeps it in its tokenizer/ folder; re-export if it is missing)")
         try:
-            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except Exception as exc:  # transformers raises many types for broken tokenizer files
+            tok = _load(Path(folder))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # tokenizers/transformers raise many types for broken tokenizer files
             raise CheckpointError(f"cannot load the tokenizer from {folder}: {exc}") from None
         ids = {}
         for t in (VIDEO, SEG, EOS):
@@ -100,7 +159,7 @@ class SegLLMTokenizer:
             ids[t] = int(i)
         if tok.bos_token_id is None:
             raise CheckpointError(f"the tokenizer in {folder} has no BOS token")
-        max_len = getattr(tok, "model_max_length", DEFAULT_MAX_LENGTH)
+        max_len = tok.model_max_length
         if not isinstance(max_len, int) or max_len > 1_000_000:
             max_len = DEFAULT_MAX_LENGTH
         return cls(tok=tok, video_id=ids[VIDEO], seg_id=ids[SEG], eos_id=ids[EOS], bos_id=int(tok.bos_token_id),
@@ -108,8 +167,7 @@ class SegLLMTokenizer:
 
     def reserved_tokens(self) -> tuple[str, ...]:
         """Special/added tokens a question must not contain (they would shift placeholders or ``<seg>``)."""
-        added = [getattr(v, "content", str(v)) for v in getattr(self.tok, "added_tokens_decoder", {}).values()]
-        return tuple(sorted(set(RESERVED_TOKENS).union(added)))
+        return tuple(sorted(set(RESERVED_TOKENS).union(self.tok.added_tokens_decoder.values())))
 
     @property
     def vocab_size(self) -> int:
@@ -117,17 +175,17 @@ class SegLLMTokenizer:
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` alone (no special tokens); used for the question-length limit."""
-        return len(self.tok(text, add_special_tokens=False).input_ids)
+        return len(self.tok.encode(text, add_special_tokens=False))
 
     def conversation_ids(self, text: str) -> list[int]:
         """Whole-conversation tokenization (BOS added), as the research code does each round."""
-        return list(self.tok(text).input_ids)
+        return list(self.tok.encode(text))
 
     def round_ids(self, text: str, first: bool) -> list[int]:
         """Token ids of one round alone; concatenating rounds equals :meth:`conversation_ids` of the whole."""
         if first:
             return self.conversation_ids(text)
-        ids = list(self.tok(EOS + text, add_special_tokens=False).input_ids)
+        ids = list(self.tok.encode(EOS + text, add_special_tokens=False))
         if not ids or ids[0] != self.eos_id:
             raise RuntimeError("internal: round tokenization did not start at </s>")
         return ids[1:]

@@ -1,4 +1,5 @@
-"""Engine cache: a TensorRT engine is only valid on the GPU architecture and TensorRT version it was
+"""The engine folder layout (``<export>/engines`` by default, the BOS prefix file, the TensorRT import) and
+the engine cache: a TensorRT engine is only valid on the GPU architecture and TensorRT version it was
 built with, for the ONNX graph and precision it was built from. Each engine ``<name>.plan`` has a JSON
 sidecar ``<name>.plan.json`` with that key; engines for different GPUs / TensorRT versions can share
 one folder because the key is part of the file name.
@@ -11,9 +12,32 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ...errors import BackendError
+from ..errors import BackendError
 
+DEFAULT_ENGINES_SUBDIR = "engines"
+BOS_PREFIX_FILE = "llm_bos_prefix.npz"
 SIDECAR_FORMAT = 1
+INSTALL_HINT = (
+    "TensorRT is not installed (the Python module `tensorrt` cannot be imported). TensorRT is not on the "
+    "package registries segllm-edge installs from; get it from NVIDIA: on Jetson it ships with JetPack "
+    "(apt packages `nvidia-tensorrt` and `python3-libnvinfer`; use the system python3 or a venv made with "
+    "--system-site-packages); on x86_64 servers use the NGC container `nvcr.io/nvidia/tensorrt:<yy.mm>-py3` "
+    "(or `pip install tensorrt` with access to pypi.nvidia.com). See docs/tensorrt.md. The onnxruntime backend "
+    "(`load(export, backend=\"onnxruntime\")`, or backend=\"cuda\" with onnxruntime-gpu) works without it."
+)
+
+
+def require_tensorrt():
+    """``import tensorrt`` or a BackendError saying how to get it."""
+    try:
+        import tensorrt as trt  # noqa: F401
+    except ImportError as exc:
+        raise BackendError(f"{INSTALL_HINT} (import error: {exc})") from None
+    except OSError as exc:  # bindings present, libnvinfer missing (e.g. a bare tensorrt-cuXX-bindings wheel)
+        raise BackendError(f"{INSTALL_HINT} (the bindings are installed but the TensorRT libraries are not: {exc})") from None
+    return trt
+
+
 REBUILD_HINT = "rebuild with `segllm-edge build-engines`"
 
 
@@ -38,7 +62,6 @@ def short_version(v: str) -> str:
 
 def current_device(device_index: int = 0) -> DeviceInfo:
     """The GPU and TensorRT of this machine (imports torch.cuda and tensorrt)."""
-    from .builder import require_tensorrt
     import torch
 
     trt = require_tensorrt()
