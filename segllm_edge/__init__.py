@@ -2,13 +2,14 @@
 
 Imports are lazy so that light processes (Triton python-backend workers, the client) don't pay for torch.
 """
-from .errors import (BackendError, CheckpointError, ContextOverflowError, ImageError, QuestionError,
-                     RoundReferenceError, SegLLMError, SessionError)
+from .errors import (BackendError, CheckpointError, ConfigError, ContextOverflowError, ImageError, LimitError,
+                     QuestionError, RoundReferenceError, SegLLMError, SessionError)
 
 __version__ = "0.1.0"
 
 __all__ = ["load", "connect", "drift_probe", "SegLLM", "SegLLMError", "CheckpointError", "ImageError", "QuestionError",
-           "RoundReferenceError", "ContextOverflowError", "SessionError", "BackendError", "__version__"]
+           "RoundReferenceError", "ContextOverflowError", "SessionError", "BackendError", "ConfigError", "LimitError",
+           "__version__"]
 
 
 def __getattr__(name):

@@ -26,11 +26,16 @@ class SegLLM:
     def info(self):
         return self.backend.info
 
-    def session(self, image, reuse: bool = True, trace: bool = False, max_kv_bytes: int | None = None):
-        """Start a conversation over ``image`` (a path, PIL image or HxWx3 uint8 array)."""
+    def session(self, image, reuse: bool = True, trace: bool = False, max_kv_bytes: int | None = None,
+                max_bytes: int | None = None):
+        """Start a conversation over ``image`` (a path, PIL image or HxWx3 uint8 array).
+
+        ``max_kv_bytes`` caps the KV cache, ``max_bytes`` the whole session state (KV cache, image
+        features and every round's masks); a round over either raises ContextOverflowError first."""
         from .runtime.session import Session
 
-        return Session(self.backend, image, reuse=reuse, trace=trace, max_kv_bytes=max_kv_bytes)
+        return Session(self.backend, image, reuse=reuse, trace=trace, max_kv_bytes=max_kv_bytes,
+                       max_bytes=max_bytes)
 
     def __repr__(self) -> str:
         i = self.info

@@ -16,6 +16,24 @@ def _fail(exc: Exception) -> None:
     raise click.ClickException(str(exc))
 
 
+def _writable_dir(out: Path | None, option: str = "--out") -> None:
+    """Create ``out`` and check that a file can be written there, before any work (one-line error if not)."""
+    if out is None:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".segllm-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise click.ClickException(f"{option} {out} is not a writable folder: {exc.strerror or exc}") from None
+
+
+def _at_least(value: int, minimum: int, option: str) -> None:
+    if value < minimum:
+        raise click.ClickException(f"{option} must be at least {minimum}, not {value}")
+
+
 class _Step:
     """Prints '<what> … done in Xs' around a long step."""
 
@@ -199,6 +217,7 @@ def chat(checkpoint, export_dir, image, backend, dtype, out, no_reuse, questions
     checkpoint = _folder(checkpoint, export_dir)
     if checkpoint is None:
         raise click.UsageError("give --checkpoint or --export")
+    _writable_dir(out)
     try:
         model = _load(checkpoint, backend, dtype)
         if questions:
@@ -256,6 +275,12 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
 
     if checkpoint and export_dir:
         raise click.UsageError("give --checkpoint or --export, not both")
+    _at_least(rounds, 1, "--rounds")
+    _at_least(repeats, 1, "--repeats")
+    _at_least(warmup, 0, "--warmup")
+    for f, opt in ((json_out, "--json"), (plot_out, "--plot")):
+        if f is not None:
+            _writable_dir(f.parent, opt)
     if export_dir and backend is None:  # every CPU path of the export side by side
         return _bench_cpu_paths(export_dir, rounds, repeats, warmup, image, json_out, results_dir)
     try:

@@ -1,18 +1,18 @@
 """Talk to a SegLLM Triton server: ``segllm_edge.connect("localhost:8001").session(image).ask(question)``.
 
-Uses tritonclient's gRPC client and the ``segllm`` model's sequence batcher: the first round
-carries START (and the image), :meth:`RemoteSession.close` sends END.  Errors the server reports
-as ``[ClassName] message`` come back as the matching :mod:`segllm_edge.errors` class; a request
-for a conversation the server no longer knows (restart, idle timeout) raises
-:class:`~segllm_edge.errors.SessionError` -- never a wrong mask.
+Uses tritonclient's gRPC client. The first round carries ``start`` and the image; its response
+carries the conversation's token, an unguessable secret the server draws, which every later
+request carries (nothing else identifies a conversation); :meth:`RemoteSession.close` sends
+``end``.  Errors the server reports as ``[ClassName] message`` come back as the matching
+:mod:`segllm_edge.errors` class; a request for a conversation the server no longer knows
+(restart, idle timeout) raises :class:`~segllm_edge.errors.SessionError` -- never a wrong mask.
+A :class:`RemoteSession` may be shared between threads (its rounds run one at a time).
+Every request has a deadline (``timeout_s``, default :data:`DEFAULT_TIMEOUT_S`).
 """
 from __future__ import annotations
 
 import io
-import itertools
 import json
-import os
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,10 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BackendError, ImageError, QuestionError, SegLLMError, SessionError
+from . import limits
+from .errors import BackendError, ImageError, SegLLMError, SessionError
 from .contracts.serving import OUTPUT_NAMES
 from .serving.wire import ERROR_CLASSES, decode_mask_png, parse_bracketed
-#: Triton's own words for a non-START request on a correlation id it does not know
+
+#: seconds a request may take before the client gives up (a HIPIE round on a CPU is seconds)
+DEFAULT_TIMEOUT_S = 300.0
+#: Triton's words for a lost sequence (servers from before conversation tokens)
 _LOST = ("must specify the start flag", "inference request for unknown sequence", "sequence batcher")
 
 
@@ -49,8 +53,11 @@ def _image_bytes(image) -> bytes:
         return bytes(image)
     if isinstance(image, (str, Path)):
         p = Path(image)
+        if isinstance(image, str) and "://" in image:
+            raise ImageError(f"{image!r} is a URL; segllm-edge reads local files only: download the image first")
         if not p.is_file():
             raise ImageError(f"image file not found: {p}")
+        limits.check_image_bytes(p.stat().st_size, f"image file {p}")
         return p.read_bytes()
     from PIL import Image
 
@@ -79,34 +86,42 @@ def map_error(exc: Exception) -> Exception:
     low = msg.lower()
     if any(k in low for k in _LOST):
         return SessionError(f"the server lost this conversation (it restarted or the conversation idled out): {msg}")
+    if "deadline exceeded" in low:
+        return BackendError(f"the server did not answer within the client's timeout: {msg}")
+    if "unauthenticated" in low or "restricted" in low or "unauthorized" in low or "permission" in low:
+        return SessionError(f"the server refused the request (missing or wrong API key?): {msg}")
     if "unavailable" in low or "connect" in low or "failed to connect" in low:
         return SessionError(f"the server is unreachable and may have lost this conversation: {msg}")
     return BackendError(f"Triton request failed: {msg}")
 
 
 class SegLLMClient:
-    """A connection to a server (gRPC ``host:port``); open one :meth:`session` per image."""
+    """A connection to a server (gRPC ``host:port``); open one :meth:`session` per image.
 
-    def __init__(self, url: str = "localhost:8001", model: str = "segllm", timeout_s: float | None = None):
+    ``timeout_s``: deadline of every request (None: :data:`DEFAULT_TIMEOUT_S`). ``api_key``: sent as the
+    ``segllm-api-key`` header (``segllm-edge serve --api-key``). ``ssl``/``root_certificates``: TLS
+    (``serve --tls-cert/--tls-key``)."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = "segllm", timeout_s: float | None = None,
+                 api_key: str | None = None, ssl: bool = False, root_certificates: str | None = None):
         import tritonclient.grpc as grpcclient
+
+        from .serving.security import grpc_headers
 
         self.url = url
         self.model = model
-        self.timeout_s = timeout_s
+        self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
+        self.headers = grpc_headers(api_key)
         self._grpc = grpcclient
-        self._client = grpcclient.InferenceServerClient(url)
-        self._ids = itertools.count(random.SystemRandom().randrange(1, 2**40) << 16 | (os.getpid() & 0xFFFF))
-        self._lock = threading.Lock()
+        self._client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
 
     def is_ready(self) -> bool:
         try:
-            return bool(self._client.is_server_ready() and self._client.is_model_ready(self.model))
+            return bool(self._client.is_server_ready(headers=self.headers, client_timeout=self.timeout_s)
+                        and self._client.is_model_ready(self.model, headers=self.headers,
+                                                        client_timeout=self.timeout_s))
         except Exception:
             return False
-
-    def next_id(self) -> int:
-        with self._lock:
-            return next(self._ids) % (2**63 - 1) or 1
 
     def session(self, image) -> "RemoteSession":
         return RemoteSession(self, _image_bytes(image))
@@ -121,7 +136,7 @@ class SegLLMClient:
         self.close()
 
     # -- transport ------------------------------------------------------------------------------
-    def _infer(self, arrays: dict, sequence_id: int, start: bool, end: bool):
+    def _infer(self, arrays: dict):
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
         g = self._grpc
@@ -132,70 +147,75 @@ class SegLLMClient:
             inputs.append(t)
         outs = [g.InferRequestedOutput(n) for n in OUTPUT_NAMES]
         try:
-            return self._client.infer(self.model, inputs, outputs=outs, sequence_id=sequence_id,
-                                      sequence_start=start, sequence_end=end, client_timeout=self.timeout_s)
+            return self._client.infer(self.model, inputs, outputs=outs, headers=self.headers,
+                                      client_timeout=self.timeout_s)
         except InferenceServerException as exc:
             raise map_error(exc) from None
 
 
-class RemoteSession:
-    """One conversation on the server (a Triton sequence)."""
+def _bytes1(b: bytes) -> np.ndarray:
+    return np.array([b], dtype=np.object_)
 
-    def __init__(self, client: SegLLMClient, image: bytes, sequence_id: int | None = None, started: bool = False):
+
+class RemoteSession:
+    """One conversation on the server. Thread-safe: concurrent ``ask``s run one after the other."""
+
+    def __init__(self, client: SegLLMClient, image: bytes, conversation: str | None = None):
         self.client = client
         self.image = image
-        self.sequence_id = sequence_id or client.next_id()
-        self.started = started
+        self.conversation = conversation      # the server's token, after the first round
         self.closed = False
         self.results: list[RemoteRoundResult] = []
+        self._lock = threading.RLock()
+
+    @property
+    def started(self) -> bool:
+        return self.conversation is not None
 
     def ask(self, question: str, refs=None) -> RemoteRoundResult:
-        if self.closed:
-            raise SessionError("this session is closed")
-        if not isinstance(question, str):
-            raise QuestionError(f"a question must be a string, not {type(question).__name__}")
-        arrays = {"question": np.array([[question.encode("utf-8")]], dtype=np.object_)}
-        start = not self.started
-        if start:
-            arrays["image"] = np.array([[self.image]], dtype=np.object_)
-        if refs:
-            arrays["refs"] = np.asarray([list(refs)], dtype=np.int32)
-        t0 = time.perf_counter()
-        try:
-            r = self.client._infer(arrays, self.sequence_id, start, False)
-        except SegLLMError:
-            if start:   # the server holds no conversation for this id: free Triton's sequence slot now
-                self._send_end()
-            raise
-        rtt = (time.perf_counter() - t0) * 1e3
-        self.started = True
-        timings = json.loads(r.as_numpy("timings").reshape(-1)[0] or b"{}")
-        timings["client_round_trip"] = rtt
-        if "bls_total" in timings:
-            timings["transport"] = max(0.0, rtt - timings["bls_total"])
+        limits.check_question(question)               # the server checks again; fail here without a request
+        refs = limits.check_refs(refs)
         from .pipeline.tokenizer import split_refs
 
         text, inline = split_refs(question)
-        merged = list(refs or []) + [x for x in inline if x not in (refs or [])]
-        res = RemoteRoundResult(
-            round=int(r.as_numpy("round").reshape(-1)[0]), question=text, refs=tuple(int(x) for x in merged),
-            mask=decode_mask_png(r.as_numpy("mask").reshape(-1)[0]),
-            box=r.as_numpy("box").reshape(-1).astype(np.float32), model_box=r.as_numpy("model_box").reshape(-1),
-            score=float(r.as_numpy("score").reshape(-1)[0]), timings=timings)
-        self.results.append(res)
-        return res
-
-    def _send_end(self) -> None:
-        try:
-            self.client._infer({"question": np.array([[b""]], dtype=np.object_)}, self.sequence_id, False, True)
-        except SegLLMError:
-            pass
+        arrays = {"question": _bytes1(question.encode("utf-8"))}
+        if refs:
+            arrays["refs"] = np.asarray([int(r) for r in refs], dtype=np.int32)
+        with self._lock:
+            if self.closed:
+                raise SessionError("this session is closed")
+            if self.conversation is None:
+                arrays["start"] = np.array([True])
+                arrays["image"] = _bytes1(self.image)
+            else:
+                arrays["conversation"] = _bytes1(self.conversation.encode())
+            t0 = time.perf_counter()
+            r = self.client._infer(arrays)
+            rtt = (time.perf_counter() - t0) * 1e3
+            if self.conversation is None:
+                self.conversation = r.as_numpy("conversation").reshape(-1)[0].decode()
+            timings = json.loads(r.as_numpy("timings").reshape(-1)[0] or b"{}")
+            timings["client_round_trip"] = rtt
+            if "bls_total" in timings:
+                timings["transport"] = max(0.0, rtt - timings["bls_total"])
+            merged = list(refs) + [x for x in inline if x not in refs]
+            res = RemoteRoundResult(
+                round=int(r.as_numpy("round").reshape(-1)[0]), question=text, refs=tuple(int(x) for x in merged),
+                mask=decode_mask_png(r.as_numpy("mask").reshape(-1)[0]),
+                box=r.as_numpy("box").reshape(-1).astype(np.float32), model_box=r.as_numpy("model_box").reshape(-1),
+                score=float(r.as_numpy("score").reshape(-1)[0]), timings=timings)
+            self.results.append(res)
+            return res
 
     def close(self) -> None:
-        """End the conversation on the server (frees its state and its sequence slot)."""
-        if not self.closed and self.started:
-            self._send_end()
-        self.closed = True
+        """End the conversation on the server (frees its state at once)."""
+        with self._lock:
+            if not self.closed and self.conversation is not None:
+                try:
+                    self.client._infer({"end": np.array([True]), "conversation": _bytes1(self.conversation.encode())})
+                except SegLLMError:
+                    pass
+            self.closed = True
 
     def __enter__(self):
         return self
@@ -204,6 +224,8 @@ class RemoteSession:
         self.close()
 
 
-def connect(url: str = "localhost:8001", model: str = "segllm", timeout_s: float | None = None) -> SegLLMClient:
-    """A client for a SegLLM Triton server's gRPC endpoint (``host:port``)."""
-    return SegLLMClient(url, model=model, timeout_s=timeout_s)
+def connect(url: str = "localhost:8001", model: str = "segllm", timeout_s: float | None = None,
+            api_key: str | None = None, ssl: bool = False, root_certificates: str | None = None) -> SegLLMClient:
+    """A client for a SegLLM Triton server's gRPC endpoint (``host:port``); see :class:`SegLLMClient`."""
+    return SegLLMClient(url, model=model, timeout_s=timeout_s, api_key=api_key, ssl=ssl,
+                        root_certificates=root_certificates)

@@ -53,3 +53,17 @@ __all__ = [
     "BackendError",
     "AccuracyGuardError",
 ]
+
+
+class ConfigError(SegLLMError, ValueError):
+    """An argument or option has an unusable type or value (for example ``max_kv_bytes="abc"``)."""
+
+
+__all__.append("ConfigError")
+
+
+class LimitError(SegLLMError, ValueError):
+    """A request is over one of the limits of :mod:`segllm_edge.limits` (sizes, shapes, counts)."""
+
+
+__all__.append("LimitError")

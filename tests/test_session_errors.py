@@ -30,7 +30,8 @@ def test_round_one_cannot_refer(golden_model, golden_image):
     ("Segment the <seg> thing.", None, QuestionError, "reserved token '<seg>'"),
     ("Segment <video> here.", None, QuestionError, "reserved token '<video>'"),
     (None, None, QuestionError, "must be a string"),
-    ("word " * 2100, None, ContextOverflowError, "over the model's context of 2048"),
+    ("word " * 2100, None, QuestionError, "over the limit of 8192 bytes"),
+    ("word " * 1200, None, QuestionError, "over the limit of 1024 tokens"),
 ])
 def test_bad_questions_leave_state_unchanged(sess, q, refs, err, match):
     before = _state(sess)
@@ -47,6 +48,8 @@ def test_kv_budget(golden_model, golden_image):
     s._check_context(330)
     with pytest.raises(ContextOverflowError, match="budget of"):
         s._check_context(331)
+    with pytest.raises(ContextOverflowError, match="over the model's context of 2048"):
+        s._check_context(2049)
 
 
 def test_failure_inside_a_round_rolls_back(sess, monkeypatch):

@@ -49,7 +49,20 @@ def test_multi_ref_round_has_two_placeholders_per_ref(tok):
     ("Segment it.[REF:1]", ("Segment it.", [1])),
     ("Segment it. [REF: 1, 3]", ("Segment it.", [1, 3])),
     ("Segment it.", ("Segment it.", [])),
-    ("a [REF:2] in the middle stays", ("a [REF:2] in the middle stays", [])),
+    ("Segment it.[REF:1][REF:2] ", ("Segment it.", [1, 2])),
 ])
 def test_split_refs(q, expected):
     assert split_refs(q) == expected
+
+
+@pytest.mark.parametrize("q,match", [
+    ("a [REF:2] in the middle", "in the middle of the question"),
+    ("Segment it.[REF:-1]", "not a list of round numbers"),
+    ("Segment it.[REF:abc]", "not a list of round numbers"),
+    ("Segment it.[ref:]", "it is empty"),
+])
+def test_split_refs_refuses_malformed_references(q, match):
+    from segllm_edge.errors import RoundReferenceError
+
+    with pytest.raises(RoundReferenceError, match=match):
+        split_refs(q)

@@ -123,19 +123,59 @@ def test_repository_loaded(server, client):
               "seg_head", "mask_backbone", "mask_decoder"):
         assert c.is_model_ready(m), m
     cfg = c.get_model_config("segllm", as_json=True)["config"]
-    assert int(cfg["sequence_batching"]["max_sequence_idle_microseconds"]) == 600_000_000
-    assert cfg["max_batch_size"] == N_CONCURRENT + 1    # cap + one spare slot for a clear over-the-cap error
+    assert "sequence_batching" not in cfg and cfg.get("max_batch_size", 0) == 0   # conversations are the model's own
+    params = {k: v["string_value"] for k, v in cfg["parameters"].items()}
+    assert float(params["segllm_idle_timeout_s"]) == 600 and int(params["segllm_max_conversations"]) == N_CONCURRENT
     c.close()
 
 
-def test_three_rounds_match_in_process_runtime_and_bad_reference(client, images, reference):
+def _raw(server, model, **arrays):
+    """One request as an outside client would send it (no package client in the way)."""
+    import tritonclient.grpc as g
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+    from segllm_edge.client import map_error
+
+    c = g.InferenceServerClient(server.grpc_url)
+    inputs = []
+    for name, a in arrays.items():
+        t = g.InferInput(name, list(a.shape), "BYTES" if a.dtype == np.object_ else np_to_triton_dtype(a.dtype))
+        t.set_data_from_numpy(a)
+        inputs.append(t)
+    try:
+        return c.infer(model, inputs, client_timeout=120)
+    except InferenceServerException as exc:
+        raise map_error(exc) from None
+    finally:
+        c.close()
+
+
+def _b(x: bytes):
+    return np.array([x], dtype=np.object_)
+
+
+def test_three_rounds_match_in_process_runtime_and_bad_reference(client, server, images, reference):
     local = reference(images["golden"], GOLDEN_QUESTIONS)
     with client.session(images["golden"]) as s:
         r1 = s.ask(GOLDEN_QUESTIONS[0])
         _same(r1, local[0])
         with pytest.raises(RoundReferenceError, match=r"refers to round 5"):
             s.ask("Segment the thing.", refs=[5])
-        r2 = s.ask(GOLDEN_QUESTIONS[1])          # still usable after the error
+        # abuse (finding 1): a forged token, a start naming this conversation, a close with a wrong token,
+        # a request with no conversation at all -- all refused, and the conversation goes on untouched
+        token = s.conversation
+        assert len(token) >= 32
+        forged = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+        with pytest.raises(SessionError, match="lost this conversation"):
+            _raw(server, "segllm", conversation=_b(forged.encode()), question=_b(b"Segment the red circle."))
+        with pytest.raises(SessionError, match="must not name a conversation"):
+            _raw(server, "segllm", start=np.array([True]), conversation=_b(token.encode()), image=_b(b"garbage"),
+                 question=_b(b"Segment it."))
+        with pytest.raises(SessionError, match="lost this conversation"):
+            _raw(server, "segllm", end=np.array([True]), conversation=_b(forged.encode()))
+        with pytest.raises(SessionError, match="names no conversation"):
+            _raw(server, "segllm", question=_b(b"Segment the red circle."))
+        r2 = s.ask(GOLDEN_QUESTIONS[1])          # still usable after the errors and the attacks
         r3 = s.ask(GOLDEN_QUESTIONS[2])
     _same(r2, local[1])
     _same(r3, local[2])
@@ -192,12 +232,86 @@ def test_corrupt_image_is_a_clear_error_and_server_keeps_serving(client, server)
     assert server.is_alive() and client.is_ready()
 
 
-def test_unknown_correlation_id_is_a_session_error(client):
+def test_unknown_conversation_is_a_session_error(client):
     from segllm_edge.client import RemoteSession
 
-    ghost = RemoteSession(client, b"", sequence_id=987_654_321, started=True)
+    ghost = RemoteSession(client, b"", conversation="never-started-" + "x" * 20)
     with pytest.raises(SessionError, match="lost this conversation"):
         ghost.ask("Segment the red circle.")
+
+
+def _png(w, h):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_limits_and_failed_starts_never_hold_capacity(server, images):
+    """On the one-conversation variant: every refused start (findings 2, 3, 8) must free its slot at once,
+    or the last, valid start would be told "server full"."""
+    import segllm_edge.client as sc
+    from segllm_edge.errors import QuestionError
+
+    q = _b(b"Segment the red circle.")
+    start = np.array([True])
+    cases = [
+        (dict(image=_b(b"\x89PNG\r\n\x1a\n not an image"), question=q), ImageError, "cannot decode the image"),
+        (dict(image=_b(_png(1, 60000)), question=q), ImageError, "aspect ratio of 60000:1"),
+        (dict(image=_b(_png(10000, 6000)), question=q), ImageError, "over the limit of 50000000 pixels"),
+        (dict(image=_b(images["golden"]), question=_b(b"x" * 10_000_000)), QuestionError, "over the limit of 8192"),
+        (dict(image=_b(images["golden"])), QuestionError, "has no question"),
+        (dict(image=_b(images["golden"]), question=_b(b"   ")), QuestionError, "empty"),
+        (dict(image=_b(images["golden"]), question=q, refs=np.arange(1, 18, dtype=np.int32)), RoundReferenceError,
+         "over the limit of 16"),
+        (dict(image=_b(images["golden"]), question=_b(b"Segment it.[REF:1]")), RoundReferenceError,
+         "no round has been answered yet"),
+    ]
+    for arrays, err, match in cases:
+        with pytest.raises(err, match=match):
+            _raw(server, "segllm_short", start=start, **arrays)
+    with sc.connect(server.grpc_url, model="segllm_short") as c:
+        assert c.timeout_s == sc.DEFAULT_TIMEOUT_S               # the client never waits forever
+        with c.session(images["golden"]) as s:
+            s.ask(GOLDEN_QUESTIONS[0])                            # the slot is free: all failed starts let go
+
+
+def test_internal_graph_models_are_bounded(server):
+    from segllm_edge.errors import BackendError, LimitError
+
+    with pytest.raises(LimitError, match="axis 'batch' of input 'pixel_values' is 2, over its limit of 1"):
+        _raw(server, "vision_encoder", pixel_values=np.zeros((2, 3, 224, 224), np.float32))
+    with pytest.raises(BackendError, match="unexpected shape"):          # fixed dims: Triton checks them itself
+        _raw(server, "vision_encoder", pixel_values=np.zeros((1, 3, 500, 500), np.float32))
+    with pytest.raises(LimitError, match="axis 'n'"):
+        _raw(server, "seg_head", hidden=np.zeros((2, 128), np.float32))
+    past = {f"past_key_values.{i}.{kv}": np.zeros((1, 4, 2048, 32), np.float32) for i in range(2)
+            for kv in ("key", "value")}
+    with pytest.raises(LimitError, match="past 2048 \\+ seq 1 tokens is over the context of 2048"):
+        _raw(server, "llm", inputs_embeds=np.zeros((1, 1, 128), np.float32), **past)
+
+
+def test_remote_session_is_thread_safe(client, images, reference):
+    """Two threads' first asks on one session: one is round 1 (with the image), the other round 2 (finding 5)."""
+    s = client.session(images["golden"])
+    got, errors = [], []
+
+    def ask():
+        try:
+            got.append(s.ask(GOLDEN_QUESTIONS[0]))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    s.close()
+    assert not errors, errors
+    assert sorted(r.round for r in got) == [1, 2]
+    _same(min(got, key=lambda r: r.round), reference(images["golden"], GOLDEN_QUESTIONS)[0])
 
 
 def test_cap_and_idle_timeout(server, images):
@@ -206,7 +320,7 @@ def test_cap_and_idle_timeout(server, images):
     c = sc.connect(server.grpc_url, model="segllm_short")
     a = c.session(images["golden"])
     a.ask(GOLDEN_QUESTIONS[0])
-    with pytest.raises(SessionError, match=r"live conversations \(max_conversations=1\)"):
+    with pytest.raises(SessionError, match=r"server full.*\(max_conversations=1\)"):
         c.session(images["golden"]).ask(GOLDEN_QUESTIONS[0])        # over the cap: immediate, clear
     time.sleep(IDLE_S + 1.5)
     with pytest.raises(SessionError, match="lost this conversation"):
@@ -289,20 +403,22 @@ def test_generated_repository_follows_the_manifest(export_dir, tmp_path):
 
 def test_conversation_store_cap_expiry_and_errors():
     from segllm_edge.serving.bls import ConversationStore, bracketed
-    from segllm_edge.serving.pystub import RequestContext
 
     now = [0.0]
     store = ConversationStore(None, idle_timeout_s=10, max_live=2, clock=lambda: now[0])
-    store.open(RequestContext(correlation_id=1, sequence_start=True), dict)
-    store.open(RequestContext(correlation_id=2, sequence_start=True), dict)
+    t1, _ = store.open(dict)
+    t2, _ = store.open(dict)
+    assert t1 != t2 and len(t1) >= 32                       # drawn by the server, unguessable
     with pytest.raises(SessionError, match="max_conversations=2") as e:
-        store.open(RequestContext(correlation_id=3, sequence_start=True), dict)
-    assert bracketed(e.value).startswith("[SessionError] the server already holds 2 live conversations")
+        store.open(dict)
+    assert bracketed(e.value).startswith("[SessionError] server full: it already holds 2 live conversations")
     assert bracketed(RoundReferenceError("round 3 refers to round 5")).startswith("[RoundReferenceError] round 3")
+    with pytest.raises(SessionError, match="lost this conversation"):
+        store.get(t1[:-1])                                  # a near miss is nothing
     now[0] = 11.0
     with pytest.raises(SessionError, match="lost this conversation"):
-        store.get(RequestContext(correlation_id=1))
-    store.open(RequestContext(correlation_id=3, sequence_start=True), dict)   # expired ones freed the cap
+        store.get(t1)
+    store.open(dict)                                        # expired ones freed the cap
 
 
 def test_client_maps_server_errors():

@@ -251,3 +251,119 @@ def test_models_run_without_triton():
     c.setup({"sequence_batching": {"max_sequence_idle_microseconds": str(IDLE_US)}})
     out = c.infer({"INCREMENT": np.array([3])}, RequestContext(correlation_id=7, sequence_start=True))
     assert int(out["TOTAL"][0]) == 3
+
+
+# -- `segllm-edge serve`: busy port, API key, TLS, admin protocols, kill -9 (issue 11) -----------
+def _cert(tmp_path):
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def _serve(args, tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "SEGLLM_TRITON_CACHE": str(tmp_path / "cache")}
+    return subprocess.Popen([sys.executable, "-m", "segllm_edge", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _wait_line(proc, prefix, timeout=120):
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError("".join(lines))
+
+
+def test_serve_api_key_tls_admin_busy_port_and_kill_9(tmp_path):
+    import os
+    import signal
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from segllm_edge.serving.tritonserver import _descendants, free_port
+
+    repo = tmp_path / "repo"
+    write_python_model(repo, "add_one", "segllm_edge.serving.smoke_models:AddOne",
+                       [("X", "float32", [-1])], [("Y", "float32", [-1])])
+    cert, key = _cert(tmp_path)
+    ports = [str(free_port()) for _ in range(3)]
+    port_args = ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    args = ["--export", str(tmp_path), "--repo", str(repo), *port_args, "--api-key", "s3cret",
+            "--tls-cert", str(cert), "--tls-key", str(key), "--log", str(tmp_path / "triton.log")]
+    proc = _serve(args, tmp_path)
+    try:
+        _wait_line(proc, "ready in")
+        kids = _descendants(proc.pid)
+        assert len(kids) >= 2, kids                       # tritonserver (+ watchdog) and the stub
+        url = f"127.0.0.1:{ports[1]}"
+        c = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(cert))
+        x = np.ones(3, np.float32)
+        with pytest.raises(InferenceServerException, match="(?i)segllm-api-key|unauthenticated|restricted"):
+            _infer(c, "add_one", {"X": x})                # no key: refused
+        from segllm_edge.serving.security import grpc_headers
+
+        key_h = grpc_headers("s3cret")
+        r = _infer(c, "add_one", {"X": x}, headers=key_h)
+        np.testing.assert_array_equal(r.as_numpy("Y"), x + 1)
+        with pytest.raises(InferenceServerException):     # shared memory registration: admin only
+            c.register_system_shared_memory("r", "/segllm-test", 64, headers=key_h)
+        with pytest.raises(InferenceServerException):     # plaintext gRPC on the TLS port: no answer
+            grpcclient.InferenceServerClient(url).is_server_live(client_timeout=5)
+        c.close()
+
+        # a second serve on the same ports: refused at once, never "ready"
+        second = _serve(args, tmp_path)
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode != 0 and "already in use" in out and "\nready in" not in "\n" + out, out
+        assert [ln for ln in out.splitlines() if ln.strip()][-1].startswith("Error: ")
+
+        # kill -9 of serve: tritonserver and its stubs die with it
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        alive = kids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.5)
+            alive = [k for k in kids if _alive(k)]
+        assert not alive, f"left behind after kill -9: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:   # a zombie (not yet reaped by init) counts as dead
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_one_default_address_everywhere(tmp_path, capsys):
+    """`python -m segllm_edge.serving` and `segllm-edge serve` both default to loopback (finding 9)."""
+    from segllm_edge.serving.cli import serve_command
+    from segllm_edge.serving.tritonserver import TritonServer, main
+
+    assert main([str(tmp_path), "--print-env"]) == 0
+    cmd = capsys.readouterr().out
+    assert "--grpc-address=127.0.0.1" in cmd and "--http-address=127.0.0.1" in cmd and "0.0.0.0" not in cmd
+    assert next(p for p in serve_command.params if p.name == "address").default == "127.0.0.1"
+    assert TritonServer(tmp_path).address == "127.0.0.1"

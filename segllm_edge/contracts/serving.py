@@ -11,11 +11,14 @@ BLS_MODEL = "segllm"
 ENCODE_IMAGE = "encode_image"      # the ensemble: preprocess → vision_encoder + mask_backbone
 PREPROCESS_MODEL = "preprocess"
 
-#: the segllm BLS model's request tensors
+#: the segllm BLS model's request tensors (no sequence batcher: a conversation is known by its token)
 BLS_INPUTS = (
-    ("image", "TYPE_STRING", [1], True, False),           # encoded PNG/JPEG bytes, START only
-    ("question", "TYPE_STRING", [1], False, False),
-    ("refs", "TYPE_INT32", [-1], True, True),             # round numbers, optional
+    ("start", "TYPE_BOOL", [1], True, False),             # first round: carries the image
+    ("end", "TYPE_BOOL", [1], True, False),               # last round / close
+    ("conversation", "TYPE_STRING", [1], True, False),    # the token a start's response returned
+    ("image", "TYPE_STRING", [1], True, False),           # encoded PNG/JPEG bytes, start only
+    ("question", "TYPE_STRING", [1], True, False),        # required except for a close
+    ("refs", "TYPE_INT32", [-1], True, False),            # round numbers, optional
 )
 #: the segllm BLS model's response tensors, in order
 BLS_OUTPUTS = (
@@ -25,6 +28,7 @@ BLS_OUTPUTS = (
     ("score", "TYPE_FP32", [1], False, False),
     ("round", "TYPE_INT32", [1], False, False),
     ("timings", "TYPE_STRING", [1], False, False),        # JSON: per-stage ms, BLS overhead
+    ("conversation", "TYPE_STRING", [1], False, False),   # the conversation's token (drawn at start)
 )
 OUTPUT_NAMES = tuple(t[0] for t in BLS_OUTPUTS)
 
@@ -40,6 +44,9 @@ PREPROCESS_OUTPUTS = (PIXEL_VALUES, HIPIE_IMAGE, *PREPROCESS_PASSTHROUGH)
 PARAM_EXPORT_DIR = "segllm_export_dir"            # BLS: the export folder
 PARAM_MAX_CONVERSATIONS = "segllm_max_conversations"
 PARAM_IDLE_TIMEOUT = "segllm_idle_timeout_s"
+PARAM_MAX_SESSION_BYTES = "segllm_max_session_bytes"   # BLS: per-conversation memory budget (optional)
+PARAM_AXES = "segllm_input_axes"          # graph models: JSON {input: [dim or axis name, ...]} (the manifest's)
+PARAM_AXIS_LIMITS = "segllm_axis_limits"  # graph models: JSON {axis: max} (segllm_edge.limits.graph_axis_limits)
 PARAM_GRAPH_FILE = "segllm_graph_file"            # graph models: the .onnx file
 PARAM_THREADS = "segllm_threads"
 PARAM_CLIP_SIZE = "segllm_clip_image_size"        # preprocess

@@ -24,14 +24,56 @@ EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in
 QUIET_LOGGERS = ("onnxscript", "torch.onnx._internal.exporter._registration")
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
+#: files an export writes besides those its manifest lists
+EXPORT_EXTRA_FILES = ("manifest.json", "config.json", "drift_report.json")
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def export_files(out: Path) -> list[Path]:
+    """What an earlier export wrote into ``out`` (from its manifest): graphs with their ``.onnx.data``,
+    arrays, the tokenizer folder, config.json, drift_report.json, the manifest itself."""
+    manifest = Manifest.load(out)
+    files = []
+    for g in manifest.graphs.values():
+        files += [out / g.file, out / (g.file + ".data")]
+    files += [out / f for f in manifest.arrays.values()]
+    files += [out / manifest.tokenizer_dir] + [out / f for f in EXPORT_EXTRA_FILES]
+    return [f for f in files if f.exists() or f.is_symlink()]
+
+
+def prepare_out_dir(out: Path, checkpoint: Path, force: bool, remove: bool = True) -> None:
+    """Make ``out`` ready for an export of ``checkpoint``, never destroying anything an export did not write.
+
+    Refuses (CheckpointError) when ``out`` is, or contains, the checkpoint; when it is not empty and
+    ``force`` is not given; and, with ``force``, when it holds files but is not an earlier export.
+    ``force`` removes only the files listed by the earlier export's manifest (others stay).
+    """
+    o, c = out.resolve(), checkpoint.resolve()
+    if o == c or _is_within(c, o):
+        raise CheckpointError(f"the export folder {out} {'is' if o == c else 'contains'} the checkpoint "
+                              f"{checkpoint}; choose another --out (nothing was deleted)")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise CheckpointError(f"export folder {out} is not empty; pass --force to overwrite it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        if not (out / "manifest.json").is_file():
+            raise CheckpointError(f"export folder {out} is not empty and is not an earlier export (no manifest.json); "
+                                  "--force replaces only an earlier export's files: empty it or choose another --out")
+        for f in export_files(out) if remove else []:
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
+    if remove:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False) -> dict:
@@ -76,12 +118,9 @@ def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool =
     if precision not in PRECISIONS:
         raise CheckpointError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
-    if out.resolve() == ckpt.resolve():
-        raise CheckpointError("the export folder must differ from the checkpoint folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise CheckpointError(f"export folder {out} is not empty; pass --force to overwrite it")
+    prepare_out_dir(out, ckpt, force, remove=False)   # the cheap refusals, before loading anything
     loaded = load_checkpoint(ckpt)  # CheckpointError with its own message if it doesn't load
-    _check_out_dir(out, force)
+    prepare_out_dir(out, ckpt, force)
     model, info = loaded.model, loaded.info
     manifest = build_manifest(info, precision="fp32")
     from tqdm import tqdm

@@ -32,6 +32,11 @@ def read_config(folder: Path) -> dict:
     missing = [k for k in required if k not in cfg]
     if missing:
         raise CheckpointError(f"config.json in {folder} lacks {', '.join(missing)}: is this a SegLLM (LLaVA-Llama) checkpoint?")
+    ints = required + ("num_key_value_heads", "max_position_embeddings", "mm_hidden_size")
+    bad = [f"{k}={cfg[k]!r}" for k in ints if k in cfg and cfg[k] is not None
+           and (isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] <= 0)]
+    if bad:
+        raise CheckpointError(f"config.json in {folder} has {', '.join(bad)}: these must be positive integers")
     seg = cfg.get("segmentator", "hipie")
     if seg not in ("hipie", "hipie0"):
         raise CheckpointError(f"config.json names segmentator {seg!r}; only the released HIPIE decoder is supported")

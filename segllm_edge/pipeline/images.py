@@ -14,10 +14,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageError
+from ..limits import MAX_IMAGE_PIXELS, check_image_bytes, check_image_size
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-MAX_PIXELS = 64_000_000
+MAX_PIXELS = MAX_IMAGE_PIXELS  # the limit is defined once, in segllm_edge.limits
 
 
 def _from_pil(img: Image.Image) -> np.ndarray:
@@ -34,27 +35,45 @@ def _from_pil(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def read_image(source, where: str, verb: str = "read") -> np.ndarray:
+    """Open an encoded image (a path or a binary file object) → HxWx3 uint8 RGB, safely:
+
+    the size and aspect ratio come from the header and are checked (:mod:`segllm_edge.limits`)
+    before anything is decoded; the EXIF orientation is applied (the image as a viewer shows it).
+    """
+    from PIL import ImageOps
+
+    try:
+        with Image.open(source) as img:
+            check_image_size(img.width, img.height, where)
+            img.load()
+            return load_image(ImageOps.exif_transpose(img))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{where} is far over the limit of {MAX_IMAGE_PIXELS} pixels ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"cannot {verb} {where}: {exc}") from None
+
+
 def load_image(image) -> np.ndarray:
     """A path, PIL image or array → HxWx3 uint8 RGB.
 
     Grayscale, palette, RGBA (alpha dropped, as ``convert("RGB")`` does) and 16-bit images are
-    converted; anything else raises :class:`ImageError` naming the problem.
+    converted; image files are turned by their EXIF orientation (PIL images and arrays are taken
+    as given); sizes outside :mod:`segllm_edge.limits` and anything else unusable raise
+    :class:`ImageError` naming the problem.
     """
     if isinstance(image, (str, Path)):
+        if isinstance(image, str) and "://" in image:
+            raise ImageError(f"{image!r} is a URL; segllm-edge reads local files only: download the image first")
         p = Path(image)
         if not p.is_file():
             raise ImageError(f"image file not found: {p}")
-        try:
-            with Image.open(p) as img:
-                img.load()
-                return load_image(img)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"cannot read image {p}: {exc}") from None
+        check_image_bytes(p.stat().st_size, f"image file {p}")
+        return read_image(p, f"image {p}")
     if isinstance(image, Image.Image):
-        if image.width * image.height > MAX_PIXELS:
-            raise ImageError(f"image of {image.width}x{image.height} pixels is larger than {MAX_PIXELS} pixels")
-        if image.width < 1 or image.height < 1:
-            raise ImageError("image is empty")
+        check_image_size(image.width, image.height)
         return np.ascontiguousarray(_from_pil(image))
     if hasattr(image, "detach") and hasattr(image, "numpy"):  # a torch tensor (without importing torch)
         image = image.detach().cpu().numpy()
@@ -66,6 +85,7 @@ def load_image(image) -> np.ndarray:
             raise ImageError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4; got shape {tuple(image.shape)}")
         if a.shape[0] < 1 or a.shape[1] < 1:
             raise ImageError(f"image array is empty: shape {tuple(image.shape)}")
+        check_image_size(a.shape[1], a.shape[0], "image array")
         if a.dtype == np.uint16:
             a = (a.astype(np.float64) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
         elif a.dtype != np.uint8:

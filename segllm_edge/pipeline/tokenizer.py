@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, RoundReferenceError
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -22,16 +22,40 @@ USER, ASSISTANT = "USER", "ASSISTANT"
 VIDEO, SEG, EOS = "<video>", "<seg>", "</s>"
 DEFAULT_MAX_LENGTH = 2048
 REF_SUFFIX = re.compile(r"\[REF:\s*([0-9][0-9,\s]*)\]\s*$", re.IGNORECASE)
+REF_ANY = re.compile(r"\[\s*REF\s*:([^\]]*)\]", re.IGNORECASE)   # every [REF:...], well-formed or not
 RESERVED_TOKENS = ("<video>", "<seg>", "</s>", "<s>", "<unk>", "<image>", "<seg_input>")
 
 
 def split_refs(question: str) -> tuple[str, list[int]]:
-    """``"Segment it.[REF:1,2]"`` → ``("Segment it.", [1, 2])``; questions without a suffix pass through."""
-    m = REF_SUFFIX.search(question)
-    if not m:
+    """``"Segment it.[REF:1,2]"`` → ``("Segment it.", [1, 2])``; questions without a suffix pass through.
+
+    References go at the end (one or more ``[REF:...]`` groups, merged in order); a ``[REF:...]``
+    anywhere else, or one that is not a list of round numbers (``[REF:-1]``, ``[REF:abc]``), raises
+    :class:`RoundReferenceError` instead of being sent to the model as text.
+    """
+    found = list(REF_ANY.finditer(question))
+    if not found:
         return question, []
-    refs = [int(x) for x in re.split(r"[,\s]+", m.group(1).strip()) if x]
-    return question[: m.start()].rstrip(), refs
+    end = len(question.rstrip())
+    tail: list[re.Match] = []
+    for m in reversed(found):                    # the run of groups that ends the question
+        if question[m.end():end].strip():
+            break
+        tail.insert(0, m)
+        end = m.start()
+    if len(tail) < len(found):
+        stray = found[len(found) - len(tail) - 1].group(0)
+        raise RoundReferenceError(f"{stray} is in the middle of the question; references go at its end, "
+                                  "e.g. 'Segment the bag she holds.[REF:1]'")
+    refs: list[int] = []
+    for m in tail:
+        items = [x for x in re.split(r"[,\s]+", m.group(1).strip()) if x]
+        bad = [x for x in items if not re.fullmatch(r"[0-9]+", x)]
+        if bad or not items:
+            raise RoundReferenceError(f"{m.group(0)} is not a list of round numbers (1, 2, ...): "
+                                      f"{', '.join(bad) if bad else 'it is empty'}")
+        refs += [int(x) for x in items]
+    return question[: tail[0].start()].rstrip(), refs
 
 
 def round_text(question: str, n_image_tokens: int, n_refs: int, first: bool) -> str:
@@ -117,6 +141,10 @@ class SegLLMTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "SegLLMTokenizer":
+        folder = Path(folder)
+        if not folder.is_dir() or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            raise CheckpointError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer.model there "
+                                  "(an export keeps it in its tokenizer/ folder; re-export if it is missing)")
         try:
             tok = _load(Path(folder))
         except CheckpointError:
@@ -144,6 +172,10 @@ class SegLLMTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.tok)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` alone (no special tokens); used for the question-length limit."""
+        return len(self.tok.encode(text, add_special_tokens=False))
 
     def conversation_ids(self, text: str) -> list[int]:
         """Whole-conversation tokenization (BOS added), as the research code does each round."""

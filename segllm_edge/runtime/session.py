@@ -11,8 +11,9 @@ Two modes compute the same masks:
   prefill, HIPIE backbone, HIPIE transformer for every ``<seg>`` so far, keep the last).
   This is the baseline the benchmarks compare against.
 
-A round either completes or leaves the session exactly as it was (the KV cache is
-cropped back on failure), so a session stays usable after an error.
+A round either completes or leaves the session exactly as it was, whatever fails and
+at whichever stage (``KeyboardInterrupt`` included: :mod:`.transaction`), so a session
+stays usable after an error.  Inputs are checked against :mod:`segllm_edge.limits` first.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import limits
 from ..errors import ContextOverflowError, QuestionError, RoundReferenceError, SessionError
 from ..pipeline.images import clip_preprocess, hipie_preprocess, load_image
 from ..pipeline.masks import box_to_original, masked_crop, postprocess_mask
@@ -29,6 +31,12 @@ from ..pipeline.tokenizer import round_text, split_refs
 from .backend import Backend, host
 from .profiler import StageTimer
 from .results import RoundResult
+from .transaction import snapshot
+
+#: HIPIE backbone features (4 levels x 256 channels at 1/8..1/64 of 1024^2, fp32), the normalised 1024^2
+#: HIPIE input and the padded uint8 image: what round 1 adds besides the CLIP tokens
+IMAGE_STATE_BYTES = 256 * 4 * sum((1024 // s) ** 2 for s in (8, 16, 32, 64)) + 3 * 1024 * 1024 * 4 + 1024 * 1024 * 3
+
 
 @dataclass
 class _Round:
@@ -57,11 +65,12 @@ class ImageState:
 
 class Session:
     def __init__(self, backend: Backend, image, reuse: bool = True, trace: bool = False,
-                 max_kv_bytes: int | None = None):
+                 max_kv_bytes: int | None = None, max_bytes: int | None = None):
         self.backend = backend
         self.reuse = reuse
         self.trace = trace
-        self.max_kv_bytes = max_kv_bytes
+        self.max_kv_bytes = max_kv_bytes = limits.check_byte_budget("max_kv_bytes", max_kv_bytes)
+        self.max_bytes = limits.check_byte_budget("max_bytes", max_bytes)
         self.rgb = load_image(image)  # raises ImageError before any state exists
         self.rounds: list[_Round] = []
         self._image: ImageState | None = None
@@ -110,14 +119,17 @@ class Session:
     def _check_question(self, question, refs) -> tuple[str, tuple[int, ...]]:
         if self._closed:
             raise SessionError("this session is closed")
-        if not isinstance(question, str):
-            raise QuestionError(f"a question must be a string, not {type(question).__name__}")
+        limits.check_question(question)                 # type, emptiness, bytes: before any tokenizing
         text, inline = split_refs(question)
+        if not text.strip():
+            raise QuestionError("the question is empty (it has only references)")
         for tok in self.backend.tokenizer.reserved_tokens():
             if tok in text:
                 raise QuestionError(f"the question contains the reserved token {tok!r}")
-        given = list(refs) if refs is not None else []
+        given = limits.check_refs(refs)
         merged = given + [r for r in inline if r not in given]
+        if len(merged) > limits.MAX_REFS:
+            raise RoundReferenceError(f"{len(merged)} references in one round, over the limit of {limits.MAX_REFS}")
         n = len(self.rounds)
         for r in merged:
             if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
@@ -128,6 +140,27 @@ class Session:
             if self.rounds[r - 1].result.empty:
                 raise RoundReferenceError(f"round {r} produced an empty mask; there is nothing to refer to")
         return text, tuple(int(r) for r in merged)
+
+    def round_bytes(self, first: bool) -> int:
+        """Bytes a round adds to the session state besides its KV cache: its masks (original size and
+        1024 frame), logits and crop, plus for round 1 the image state (features, inputs)."""
+        h, w = self.rgb.shape[:2]
+        size = self.backend.info.clip_image_size
+        n = h * w + 1024 * 1024 + 256 * 256 * 4 + 3 * size * size * 4 + 2 * self.backend.info.hidden_size * 4
+        if first:
+            n += IMAGE_STATE_BYTES + 3 * size * size * 4 + self.backend.info.image_tokens * self.backend.info.hidden_size * 4
+        return n
+
+    def _check_budget(self, new_tokens: int, first: bool) -> None:
+        if self.max_bytes is None:
+            return
+        need = (self.state_bytes() + new_tokens * self.backend.info.kv_bytes_per_token() + self.round_bytes(first))
+        if need > self.max_bytes:
+            h, w = self.rgb.shape[:2]
+            raise ContextOverflowError(
+                f"round {len(self.rounds) + 1} would bring this session to {need} bytes (KV cache, image state and "
+                f"the masks of a {w}x{h} image, {self.round_bytes(False)} bytes per round), over its budget of "
+                f"max_bytes={self.max_bytes}; start a new session, downscale the image or raise max_bytes")
 
     def _check_context(self, total_tokens: int) -> None:
         info = self.backend.info
@@ -192,13 +225,25 @@ class Session:
 
     # ------------------------------------------------------------------ ask
     def ask(self, question: str, refs=None) -> RoundResult:
-        """Run one round. ``refs`` (or an inline ``[REF:k]`` suffix) names earlier rounds by number."""
+        """Run one round. ``refs`` (or an inline ``[REF:k]`` suffix) names earlier rounds by number.
+
+        Transactional: if anything fails (``KeyboardInterrupt`` included) the session is left exactly as before.
+        """
         text, refs_t = self._check_question(question, refs)
+        saved = snapshot(self)
+        try:
+            return self._ask(text, refs_t)
+        except BaseException:
+            saved.restore(self)
+            raise
+
+    def _ask(self, text: str, refs_t: tuple[int, ...]) -> RoundResult:
         first = not self.rounds
         t = StageTimer(getattr(self.backend, "sync", None))
         tok = self.backend.tokenizer
         info = self.backend.info
         with t.stage("tokenize"):
+            limits.check_question_tokens(tok.count_tokens(text))
             rtext = round_text(text, info.image_tokens, len(refs_t), first)
             if self.reuse:
                 new_ids = tok.round_ids(rtext, first)
@@ -207,20 +252,11 @@ class Session:
                 all_ids = tok.conversation_ids("".join(_round_texts(self.rounds, info.image_tokens)) + rtext)
                 new_ids = all_ids[self.context_length:]
         self._check_context(self.context_length + len(new_ids))
-
-        cache_len = self._cache.length if self._cache is not None else 0
-        try:
-            if self.reuse:
-                result_parts = self._run_cached(new_ids, refs_t, first, t)
-            else:
-                result_parts = self._run_full(all_ids, refs_t, t)
-        except BaseException:
-            if self._cache is not None:
-                self._cache.crop(cache_len)
-            if first and self.reuse:
-                self._cache = None
-                self._image = None
-            raise
+        self._check_budget(len(new_ids), first)
+        if self.reuse:
+            result_parts = self._run_cached(new_ids, refs_t, first, t)
+        else:
+            result_parts = self._run_full(all_ids, refs_t, t)
         sel, raw_trace, prefill_tokens = result_parts
         return self._finish(text, refs_t, new_ids, sel, raw_trace, prefill_tokens, t)
 

@@ -13,14 +13,17 @@ Layers, each testable without Triton:
 * :class:`BlsSession` is :class:`~segllm_edge.runtime.session.Session` with its image hook
   (:meth:`~segllm_edge.runtime.session.Session.prepare_image`) replaced by one call to the ``encode_image`` ensemble (preprocess → vision_encoder +
   mask_backbone) on the encoded image bytes.
-* :class:`ConversationService` holds the conversations: keyed by correlation id, expired after
-  the sequence batcher's idle time, capped at ``max_conversations``; ``handle(inputs, ctx)``
-  turns one request into one round (or a close).
+* :class:`ConversationService` holds the conversations: keyed by an unguessable token drawn at
+  START (no Triton sequence batcher: capacity is the store's alone), expired after an idle
+  timeout, capped at ``max_conversations``; ``handle(inputs, ctx)`` turns one request into one
+  round (or a close), after checking every limit of :mod:`segllm_edge.limits`.
 * :class:`SegLLMBlsModel` is the python-backend entry point (``segllm_entrypoint``).
 """
 from __future__ import annotations
 
 import json
+import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -30,13 +33,14 @@ import numpy as np
 from ..contracts.export_folder import open_export
 from ..contracts.manifest import kv_names
 from ..contracts.serving import (ENCODE_IMAGE, HIPIE_IMAGE, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR, PARAM_IDLE_TIMEOUT,
-                                 PARAM_MAX_CONVERSATIONS, PIXEL_VALUES, PREPROCESS_MODEL, PREPROCESS_PASSTHROUGH)
-from ..errors import BackendError, ImageError, SessionError
+                                 PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES, PIXEL_VALUES, PREPROCESS_MODEL,
+                                 PREPROCESS_PASSTHROUGH)
+from ..errors import BackendError, ImageError, QuestionError, RoundReferenceError, SessionError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from ..runtime.kv_cache import HostKVCache
 from ..runtime.session import ImageState, Session
 from .models import decode_image_bytes, resolve_model_path
-from .pystub import PythonModel, RequestContext, SequenceStore
+from .pystub import PythonModel, RequestContext
 from .wire import ERROR_CLASSES, bracketed, encode_mask_png, parse_bracketed
 
 
@@ -160,47 +164,80 @@ class BlsSession(Session):
 # --------------------------------------------------------------------------------------------
 # conversations
 # --------------------------------------------------------------------------------------------
-class ConversationStore(SequenceStore):
-    """:class:`SequenceStore` with a cap on live conversations and a SessionError for unknown ids."""
+class ConversationStore:
+    """The live conversations, keyed by an unguessable token the server draws at START.
 
-    def __init__(self, factory, idle_timeout_s: float | None, max_live: int, clock=time.monotonic):
-        super().__init__(factory, idle_timeout_s, clock)
+    The token (:func:`secrets.token_urlsafe`, 192 bits) is the conversation's only handle: holding
+    it is what grants access, and nothing about it can be guessed from another conversation's.
+    Capacity is this store's alone (no Triton sequence slots): a START over ``max_live`` is
+    refused at once ("server full"), a conversation whose first round fails is dropped at once,
+    and one left idle for ``idle_timeout_s`` expires.
+    """
+
+    def __init__(self, factory=None, idle_timeout_s: float | None = 600.0, max_live: int = 8,
+                 clock=time.monotonic):
+        self.idle_timeout_s = idle_timeout_s
         self.max_live = max_live
+        self.clock = clock
+        self._states: dict[str, tuple[float, object]] = {}
+        self._lock = threading.Lock()
 
-    def open(self, ctx: RequestContext, make):
-        """Create the state for a START request with ``make()``; cap and replace-on-restart handled."""
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, token) -> bool:
+        return token in self._states
+
+    def expire(self) -> None:
+        if not self.idle_timeout_s:
+            return
+        limit = self.clock() - self.idle_timeout_s
+        with self._lock:
+            old = [c for c, (t, _) in self._states.items() if t < limit]
+            dropped = [self._states.pop(c)[1] for c in old]
+        for st in dropped:
+            _close(st)
+
+    def open(self, make) -> tuple[str, object]:
+        """A new conversation from ``make()`` (SessionError "server full" at once when at the cap)."""
         self.expire()
-        cid = ctx.correlation_id
-        if cid is None:
-            raise SessionError("request has no correlation id (send it as a sequence: START/END/CORRID)")
-        self._states.pop(cid, None)   # a START on a live id starts over
         if len(self._states) >= self.max_live:
-            raise SessionError(f"the server already holds {len(self._states)} live conversations "
-                               f"(max_conversations={self.max_live}); close one (END) or retry later")
+            raise SessionError(f"server full: it already holds {len(self._states)} live conversations "
+                               f"(max_conversations={self.max_live}); close one or retry later")
         state = make()
-        self._states[cid] = (self.clock(), state)
-        return state
+        token = secrets.token_urlsafe(24)
+        with self._lock:
+            if len(self._states) >= self.max_live:
+                raise SessionError(f"server full (max_conversations={self.max_live}); retry later")
+            self._states[token] = (self.clock(), state)
+        return token, state
 
-    def get(self, ctx: RequestContext):
+    def get(self, token):
         self.expire()
-        cid = ctx.correlation_id
-        if cid not in self._states:
+        entry = self._states.get(token) if isinstance(token, str) else None
+        if entry is None:
             idle = f" after {self.idle_timeout_s:g} s" if self.idle_timeout_s else ""
-            raise SessionError(f"unknown conversation (correlation id {cid!r}): it was never started, it "
-                               f"ended, it idled out{idle}, or the server restarted "
+            raise SessionError("unknown conversation: it was never started, it ended, it idled out"
+                               f"{idle}, the server restarted, or the request's conversation token is wrong "
                                "-- the server lost this conversation; start a new session")
-        self._states[cid] = (self.clock(), self._states[cid][1])
-        return self._states[cid][1]
+        return entry[1]
 
-    def touch(self, cid) -> None:
+    def touch(self, token) -> None:
         """Restart the idle clock (at the end of a round: a round can take longer than the idle time)."""
-        if cid in self._states:
-            self._states[cid] = (self.clock(), self._states[cid][1])
+        with self._lock:
+            if token in self._states:
+                self._states[token] = (self.clock(), self._states[token][1])
 
-    def drop(self, cid) -> None:
-        st = self._states.pop(cid, None)
-        if st is not None and hasattr(st[1], "close"):
-            st[1].close()
+    def drop(self, token) -> None:
+        with self._lock:
+            st = self._states.pop(token, None)
+        if st is not None:
+            _close(st[1])
+
+
+def _close(state) -> None:
+    if hasattr(state, "close"):
+        state.close()
 
 
 def _scalar_bytes(a) -> bytes | None:
@@ -213,17 +250,30 @@ def _scalar_bytes(a) -> bytes | None:
     return v.encode() if isinstance(v, str) else bytes(v)
 
 
-class ConversationService:
-    """Turns sequence requests into rounds of :class:`BlsSession` conversations.
+def _flag(a) -> bool:
+    return a is not None and np.asarray(a).size > 0 and bool(np.asarray(a).reshape(-1)[0])
 
-    Inputs (leading batch dim of 1 or none): ``image`` (bytes, START only), ``question`` (bytes),
-    ``refs`` (int32 [k], optional).  A request with END and an empty question only closes.
+
+def default_session_bytes(info) -> int:
+    """The per-conversation memory budget when none is configured: a full-context KV cache + 256 MiB
+    (image state, and the masks of many rounds of a phone-sized image)."""
+    return info.kv_bytes_per_token(4) * info.max_context + 256 * 2**20
+
+
+class ConversationService:
+    """Turns requests into rounds of :class:`BlsSession` conversations.
+
+    Inputs (no batch dimension): ``start`` (BOOL, first round: carries ``image``), ``conversation``
+    (the token the START's response returned; every later request), ``question`` (bytes), ``refs``
+    (int32 [k], optional), ``end`` (BOOL; with no question it only closes). Every limit of
+    :mod:`segllm_edge.limits` is checked before any graph runs.
     """
 
     def __init__(self, backend_factory: Callable[[], TritonBlsBackend], max_conversations: int = 8,
-                 idle_timeout_s: float | None = 600.0, clock=time.monotonic):
+                 idle_timeout_s: float | None = 600.0, clock=time.monotonic, max_session_bytes: int | None = None):
         self._backend_factory = backend_factory
         self._backend: TritonBlsBackend | None = None
+        self.max_session_bytes = max_session_bytes
         self.store = ConversationStore(None, idle_timeout_s, max_conversations, clock)
 
     @property
@@ -232,34 +282,73 @@ class ConversationService:
             self._backend = self._backend_factory()
         return self._backend
 
-    def handle(self, inputs: dict, ctx: RequestContext) -> dict:
+    @staticmethod
+    def _question(inputs: dict) -> str | None:
+        from ..limits import MAX_QUESTION_BYTES
+
+        q = _scalar_bytes(inputs.get("question"))
+        if q is None:
+            return None
+        if len(q) > MAX_QUESTION_BYTES:       # before decoding or tokenizing anything
+            raise QuestionError(f"the question is {len(q)} bytes, over the limit of {MAX_QUESTION_BYTES} bytes")
+        return q.decode("utf-8", "replace")
+
+    @staticmethod
+    def _refs(inputs: dict) -> list[int] | None:
+        from ..limits import MAX_REFS
+
+        a = inputs.get("refs")
+        if a is None:
+            return None
+        a = np.asarray(a).reshape(-1)
+        if a.size > MAX_REFS:
+            raise RoundReferenceError(f"{a.size} references in one round, over the limit of {MAX_REFS}")
+        return [int(r) for r in a]
+
+    def handle(self, inputs: dict, ctx: RequestContext | None = None) -> dict:
         t_start = time.perf_counter()
         backend = self.backend
         backend.call_ms = {}
-        question_b = _scalar_bytes(inputs.get("question"))
-        question = question_b.decode("utf-8", "replace") if question_b is not None else ""
-        refs_a = inputs.get("refs")
-        refs = [int(r) for r in np.asarray(refs_a).reshape(-1)] if refs_a is not None else None
+        start, end = _flag(inputs.get("start")), _flag(inputs.get("end"))
+        token_b = _scalar_bytes(inputs.get("conversation"))
+        token = token_b.decode("ascii", "replace") if token_b else None
+        question = self._question(inputs)
+        refs = self._refs(inputs)
         image = _scalar_bytes(inputs.get("image"))
-        if ctx.sequence_end and not ctx.sequence_start and not question.strip():
-            self.store.drop(ctx.correlation_id)          # close(): nothing to run, never an error
-            return self._closed_response()
-        try:
-            if ctx.sequence_start:
-                if image is None:
-                    raise ImageError("the first request of a conversation (START) must carry the image")
-                session = self.store.open(ctx, lambda: BlsSession(backend, image))
-            else:
-                if image is not None:
-                    raise SessionError("an image can only be sent with the first round (START); "
-                                       "open a new session for a new image")
-                session = self.store.get(ctx)
-            result = session.ask(question, refs)
-        finally:
-            if ctx.sequence_end:
-                self.store.drop(ctx.correlation_id)
-            else:
-                self.store.touch(ctx.correlation_id)
+        if start:
+            if token is not None:
+                raise SessionError("a START request must not name a conversation: the server assigns one")
+            if image is None:
+                raise ImageError("the first request of a conversation (start) must carry the image")
+            if question is None:
+                raise QuestionError("the request has no question")
+            budget = self.max_session_bytes or default_session_bytes(backend.info)
+            token, session = self.store.open(lambda: BlsSession(backend, image, max_bytes=budget))
+            try:
+                result = session.ask(question, refs)
+            except BaseException:
+                self.store.drop(token)           # a failed first round holds nothing
+                raise
+        else:
+            if token is None:
+                raise SessionError("the request names no conversation: send start (with the image) first")
+            session = self.store.get(token)
+            if end and (question is None or not question.strip()):
+                self.store.drop(token)           # close(): nothing to run
+                return self._closed_response(token)
+            if image is not None:
+                raise SessionError("an image can only be sent with the first round (start); "
+                                   "open a new session for a new image")
+            if question is None:
+                raise QuestionError("the request has no question")
+            try:
+                result = session.ask(question, refs)
+            finally:
+                self.store.touch(token)
+        if end:
+            self.store.drop(token)
+        else:
+            self.store.touch(token)
         total = (time.perf_counter() - t_start) * 1e3
         timings = dict(result.timings)
         timings["bls_model_calls"] = sum(backend.call_ms.values())
@@ -267,19 +356,21 @@ class ConversationService:
         timings["bls_overhead"] = max(0.0, total - timings["bls_model_calls"])
         timings["calls"] = dict(backend.call_ms)
         return {
-            "mask": np.array([[encode_mask_png(result.mask)]], dtype=np.object_),
-            "box": np.asarray(result.box, dtype=np.float32).reshape(1, 4),
-            "model_box": np.asarray(result.model_box, dtype=np.float32).reshape(1, 4),
-            "score": np.array([[result.score]], dtype=np.float32),
-            "round": np.array([[result.round]], dtype=np.int32),
-            "timings": np.array([[json.dumps(timings).encode()]], dtype=np.object_),
+            "mask": np.array([encode_mask_png(result.mask)], dtype=np.object_),
+            "box": np.asarray(result.box, dtype=np.float32).reshape(4),
+            "model_box": np.asarray(result.model_box, dtype=np.float32).reshape(4),
+            "score": np.array([result.score], dtype=np.float32),
+            "round": np.array([result.round], dtype=np.int32),
+            "timings": np.array([json.dumps(timings).encode()], dtype=np.object_),
+            "conversation": np.array([token.encode()], dtype=np.object_),
         }
 
     @staticmethod
-    def _closed_response() -> dict:
-        return {"mask": np.array([[b""]], dtype=np.object_), "box": np.zeros((1, 4), np.float32),
-                "model_box": np.zeros((1, 4), np.float32), "score": np.zeros((1, 1), np.float32),
-                "round": np.zeros((1, 1), np.int32), "timings": np.array([[b"{}"]], dtype=np.object_)}
+    def _closed_response(token: str) -> dict:
+        return {"mask": np.array([b""], dtype=np.object_), "box": np.zeros(4, np.float32),
+                "model_box": np.zeros(4, np.float32), "score": np.zeros(1, np.float32),
+                "round": np.zeros(1, np.int32), "timings": np.array([b"{}"], dtype=np.object_),
+                "conversation": np.array([token.encode()], dtype=np.object_)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +409,7 @@ class InProcessCaller:
         self.models: dict[str, PythonModel] = {}
         for name, g in manifest.graphs.items():
             m = OrtGraphModel()
-            m.setup(graph_model_config_dict(g, folder / g.file, threads))
+            m.setup(graph_model_config_dict(g, folder / g.file, threads, int(manifest.model["max_context"])))
             self.models[name] = m
         pre = PreprocessModel()
         pre.setup({"name": PREPROCESS_MODEL, "parameters": {
@@ -343,20 +434,21 @@ class InProcessCaller:
 # the python-backend entry point
 # --------------------------------------------------------------------------------------------
 class SegLLMBlsModel(PythonModel):
-    """``segllm``: sequence-batched BLS model. Parameters: ``segllm_export_dir`` (absolute or relative to
-    the model folder), ``segllm_max_conversations`` (per instance), ``segllm_idle_timeout_s``."""
+    """``segllm``: the BLS model (one instance: it holds the conversations). Parameters: ``segllm_export_dir``
+    (absolute or relative to the model folder), ``segllm_max_conversations``, ``segllm_idle_timeout_s``,
+    ``segllm_max_session_bytes`` (per-conversation memory budget; default :func:`default_session_bytes`)."""
 
     caller: Caller = staticmethod(pb_utils_caller)
 
     def initialize(self) -> None:
         name = self.config.get("name", "segllm")
         export_dir = resolve_model_path(self.params[PARAM_EXPORT_DIR], self.args, name)
-        seq = self.config.get("sequence_batching") or {}
-        idle_us = int(seq.get("max_sequence_idle_microseconds") or 0)
-        idle = float(self.params.get(PARAM_IDLE_TIMEOUT) or (idle_us / 1e6 if idle_us else 600))
+        idle = float(self.params.get(PARAM_IDLE_TIMEOUT) or 600)
         cap = int(self.params.get(PARAM_MAX_CONVERSATIONS) or 8)
+        budget = int(self.params.get(PARAM_MAX_SESSION_BYTES) or 0) or None
         caller = self.caller
-        self.service = ConversationService(lambda: TritonBlsBackend(export_dir, caller), cap, idle)
+        self.service = ConversationService(lambda: TritonBlsBackend(export_dir, caller), cap, idle,
+                                           max_session_bytes=budget)
         self.service.backend  # load tokenizer/manifest now: fail at model load, not at the first request
 
     def infer(self, inputs: dict, ctx: RequestContext) -> dict:
@@ -364,4 +456,3 @@ class SegLLMBlsModel(PythonModel):
 
     def error_message(self, exc: BaseException) -> str:
         return bracketed(exc)
-

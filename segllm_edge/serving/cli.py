@@ -22,10 +22,11 @@ def _fail(exc: Exception):
 @click.option("--target", default="python", show_default=True, type=click.Choice(["python", "ngc"]),
               help="python: every graph in a python-backend model (onnxruntime CPU; the nvidia-pytriton server); "
                    "ngc: onnxruntime_onnx / tensorrt_plan models for NVIDIA's Triton container")
-@click.option("--max-conversations", default=8, show_default=True, help="live conversations the segllm model holds")
-@click.option("--idle-timeout", default=600.0, show_default=True,
+@click.option("--max-conversations", default=8, show_default=True, type=click.IntRange(min=1),
+              help="live conversations the segllm model holds; a start over it is told 'server full' at once")
+@click.option("--idle-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="seconds a conversation may idle before the server drops it")
-@click.option("--instances", default=1, show_default=True, help="instances per model")
+@click.option("--instances", default=1, show_default=True, help="instances per graph model (the segllm BLS has one)")
 @click.option("--force", is_flag=True, help="overwrite a non-empty repository folder")
 def triton_repo_command(export_dir, out, target, max_conversations, idle_timeout, instances, force):
     """Write a Triton model repository for EXPORT (models, encode_image ensemble, segllm BLS)."""
@@ -42,6 +43,10 @@ def triton_repo_command(export_dir, out, target, max_conversations, idle_timeout
 
 
 def _cached_repo(export_dir: Path, max_conversations: int, idle_timeout: float) -> Path:
+    if not (export_dir / "manifest.json").is_file():
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"{export_dir} is not a segllm-edge export: manifest.json is missing")
     from .repository import generate_repository
     from .tritonserver import default_cache_dir
 
@@ -62,21 +67,37 @@ def _cached_repo(export_dir: Path, max_conversations: int, idle_timeout: float) 
 @click.option("--grpc-port", type=int, default=8001, show_default=True)
 @click.option("--metrics-port", type=int, default=8002, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0: all)")
-@click.option("--max-conversations", default=8, show_default=True)
-@click.option("--idle-timeout", default=600.0, show_default=True)
+@click.option("--max-conversations", default=8, show_default=True, type=click.IntRange(min=1),
+              help="live conversations; a start over it is told 'server full' at once")
+@click.option("--idle-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="seconds an abandoned conversation is kept before it expires")
+@click.option("--api-key", default=None, envvar="SEGLLM_API_KEY",
+              help="require this key (header segllm-api-key) for inference/metadata; also $SEGLLM_API_KEY")
+@click.option("--admin-key", default=None, envvar="SEGLLM_ADMIN_KEY",
+              help="key (header segllm-admin-key) for shared memory, repository control, statistics, trace, "
+                   "logging (default: a random key, i.e. closed)")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="PEM certificate: the gRPC endpoint speaks TLS (needs --tls-key)")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="tritonserver log file (default: a temp file)")
 def serve_command(export_dir, repo, http_port, grpc_port, metrics_port, address, max_conversations, idle_timeout,
-                  log_path):
-    """Serve EXPORT with Triton Inference Server until Ctrl-C / SIGTERM."""
-    from .tritonserver import TritonServer, TritonServerError
+                  api_key, admin_key, tls_cert, tls_key, log_path):
+    """Serve EXPORT with Triton Inference Server until Ctrl-C / SIGTERM (tritonserver and its stubs die with it)."""
+    from .security import Exposure
+    from .tritonserver import TritonServer, TritonServerError, port_in_use
 
     try:
+        busy = [p for p in (http_port, grpc_port, metrics_port) if port_in_use(p, address)]
+        if busy:
+            raise TritonServerError(f"port {', '.join(map(str, busy))} on {address} is already in use (another "
+                                    "server running?); stop it or pass other --http-port/--grpc-port/--metrics-port")
+        extra = Exposure(api_key=api_key, admin_key=admin_key, tls_cert=tls_cert, tls_key=tls_key).tritonserver_args()
         repo = repo or _cached_repo(export_dir, max_conversations, idle_timeout)
     except (SegLLMError, FileExistsError, ValueError) as exc:
         _fail(exc)
     server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          address=address, log_path=log_path, ready_timeout=300)
+                          address=address, log_path=log_path, ready_timeout=300, extra_args=extra)
     stop = threading.Event()
 
     def _on_signal(signum, frame):
@@ -87,7 +108,8 @@ def serve_command(export_dir, repo, http_port, grpc_port, metrics_port, address,
         server.start()
         click.echo(f"starting tritonserver on {repo} …", err=True)
         ready = server.wait_ready()
-        click.echo(f"ready in {ready:.1f} s\n  gRPC    {server.grpc_url}   (segllm_edge.connect(\"{server.grpc_url}\"))\n"
+        click.echo(f"ready in {ready:.1f} s\n  gRPC    {server.grpc_url}   (segllm_edge.connect(\"{server.grpc_url}\""
+                   f"{', api_key=...' if api_key else ''}{', ssl=True' if tls_cert else ''}))\n"
                    f"  HTTP    http://{server.http_url}\n  metrics {server.metrics_url}\n  log     {server.log_path}\n"
                    "Ctrl-C to stop.")
         while not stop.wait(1.0):

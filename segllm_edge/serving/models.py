@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contracts.serving import HIPIE_IMAGE, PARAM_CLIP_SIZE, PARAM_GRAPH_FILE, PARAM_THREADS, PIXEL_VALUES
+from ..contracts.serving import (HIPIE_IMAGE, PARAM_AXES, PARAM_AXIS_LIMITS, PARAM_CLIP_SIZE, PARAM_GRAPH_FILE,
+                                PARAM_THREADS, PIXEL_VALUES)
 from ..errors import ImageError
 from .pystub import PythonModel, RequestContext, numpy_dtype
 
@@ -63,12 +64,49 @@ class OrtGraphModel(PythonModel):
         self.session = ort_session(self.graph_path, threads)
         self.input_dtypes = {i["name"]: numpy_dtype(i["data_type"]) for i in self.config.get("input", [])}
         self.output_names = [o["name"] for o in self.config.get("output", [])]
+        import json
+
+        self.axes = json.loads(self.params.get(PARAM_AXES) or "{}")
+        self.axis_limits = json.loads(self.params.get(PARAM_AXIS_LIMITS) or "{}")
         got = [i.name for i in self.session.get_inputs()]
         if sorted(got) != sorted(self.input_dtypes):
             raise ValueError(f"graph {self.graph_path} has inputs {got}, the model config says "
                              f"{list(self.input_dtypes)}: regenerate the repository from the export's manifest")
 
+    def error_message(self, exc: BaseException) -> str:
+        from .wire import bracketed
+
+        return bracketed(exc)
+
+    def check_shapes(self, inputs: dict) -> None:
+        """Every input as the manifest declares it, symbolic axes within their limits (before running)."""
+        from ..errors import LimitError
+
+        name = self.config.get("name", "")
+        seen: dict[str, int] = {}
+        for k, v in inputs.items():
+            axes = self.axes.get(k)
+            if axes is None:
+                continue
+            shape = np.shape(v)
+            if len(shape) != len(axes):
+                raise LimitError(f"model {name!r}: input {k!r} has shape {list(shape)}, expected {axes}")
+            for d, a in zip(shape, axes):
+                if isinstance(a, int) and d != a:
+                    raise LimitError(f"model {name!r}: input {k!r} has shape {list(shape)}, expected {axes}")
+                if isinstance(a, str):
+                    lim = self.axis_limits.get(a)
+                    if lim is not None and d > lim:
+                        raise LimitError(f"model {name!r}: axis {a!r} of input {k!r} is {d}, over its limit of {lim}")
+                    if seen.setdefault(a, d) != d:
+                        raise LimitError(f"model {name!r}: axis {a!r} is {seen[a]} in one input and {d} in {k!r}")
+        total = self.axis_limits.get("total")
+        if total is not None and seen.get("past", 0) + seen.get("seq", 0) > total:
+            raise LimitError(f"model {name!r}: past {seen.get('past', 0)} + seq {seen.get('seq', 0)} tokens is over "
+                             f"the context of {total}")
+
     def infer(self, inputs: dict, ctx: RequestContext) -> dict:
+        self.check_shapes(inputs)
         feeds = {k: np.ascontiguousarray(v, dtype=self.input_dtypes[k]) for k, v in inputs.items()
                  if k in self.input_dtypes}
         outs = self.session.run(self.output_names, feeds)
@@ -76,10 +114,10 @@ class OrtGraphModel(PythonModel):
 
 
 def decode_image_bytes(payload) -> np.ndarray:
-    """Encoded PNG/JPEG/... bytes → HxWx3 uint8 RGB; :class:`ImageError` for anything unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    from ..pipeline.images import load_image
+    """Encoded PNG/JPEG/... bytes → HxWx3 uint8 RGB; :class:`ImageError` for anything unreadable or over
+    the limits of :mod:`segllm_edge.limits` (checked from the header, before decoding)."""
+    from ..limits import check_image_bytes
+    from ..pipeline.images import read_image
 
     if isinstance(payload, np.ndarray):
         payload = payload.reshape(-1)[0] if payload.size else b""
@@ -87,14 +125,8 @@ def decode_image_bytes(payload) -> np.ndarray:
         payload = payload.encode("latin-1")
     if not isinstance(payload, (bytes, bytearray)) or not payload:
         raise ImageError("the image payload is empty: send the encoded PNG/JPEG bytes with the first round")
-    try:
-        with Image.open(io.BytesIO(bytes(payload))) as img:
-            img.load()
-            return load_image(img)
-    except ImageError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot decode the image payload ({len(payload)} bytes): {exc}") from None
+    check_image_bytes(len(payload), "the image payload")
+    return read_image(io.BytesIO(bytes(payload)), f"the image payload ({len(payload)} bytes)", verb="decode")
 
 
 def preprocess_arrays(rgb: np.ndarray, clip_size: int) -> dict[str, np.ndarray]:
@@ -116,6 +148,11 @@ class PreprocessModel(PythonModel):
 
     def initialize(self) -> None:
         self.clip_size = int(self.params.get(PARAM_CLIP_SIZE) or 224)
+
+    def error_message(self, exc: BaseException) -> str:
+        from .wire import bracketed
+
+        return bracketed(exc)
 
     def infer(self, inputs: dict, ctx: RequestContext) -> dict:
         rgb = decode_image_bytes(inputs["image"])

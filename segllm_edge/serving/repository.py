@@ -13,13 +13,15 @@
 
 * ``preprocess`` (python): encoded image bytes → CLIP pixels, HIPIE input, padded image, sizes;
 * ``encode_image`` (ensemble, stateless): preprocess → vision_encoder + mask_backbone;
-* ``segllm`` (python BLS, sequence batcher): the round loop, one conversation per correlation id.
+* ``segllm`` (python BLS, one instance): the round loop, one conversation per server-drawn token.
+
+The python graph models check every request against the manifest's shapes with the symbolic
+axes bounded (:func:`segllm_edge.limits.graph_axis_limits`) before onnxruntime runs.
 
 The manifest is the only source of graph names and I/O; nothing here lists a graph's tensors.
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
@@ -27,20 +29,15 @@ from typing import Sequence
 
 from ..contracts.serving import (BLS_INPUTS, BLS_MODEL, BLS_OUTPUTS, ENCODE_IMAGE as ENSEMBLE_MODEL, HIPIE_IMAGE,
                                  IMAGE_BYTES, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR, PARAM_GRAPH_FILE, PARAM_IDLE_TIMEOUT,
-                                 PARAM_MAX_CONVERSATIONS, PARAM_THREADS, PIXEL_VALUES, PREPROCESS_MODEL,
-                                 PREPROCESS_PASSTHROUGH)
+                                 PARAM_AXES, PARAM_AXIS_LIMITS, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES,
+                                 PARAM_THREADS, PIXEL_VALUES, PREPROCESS_MODEL, PREPROCESS_PASSTHROUGH)
 from ..errors import CheckpointError
+from ..limits import graph_axis_limits
 from .pystub import PARAM_PYTHON, TensorSpec, triton_dtype, write_python_model
 
 TARGETS = ("python", "ngc")
 ENTRY = "segllm_edge.serving"
 
-
-def slots_for(max_conversations: int, instance_count: int) -> int:
-    """Sequence-batcher slots per instance (= max_batch_size): the cap per instance plus one spare slot,
-    so that a START over the cap reaches the model and gets a clear error instead of waiting in
-    Triton's backlog until some conversation idles out."""
-    return int(math.ceil(max_conversations / max(1, instance_count))) + 1
 
 
 def _dims(shape) -> list[int]:
@@ -61,14 +58,22 @@ def _preprocess_outputs(manifest) -> list[TensorSpec]:
             TensorSpec(hw, "int32", [2])]
 
 
-def graph_model_config_dict(graph, graph_file, threads: int | None = None) -> dict:
+def _bound_params(graph, max_context: int) -> dict[str, str]:
+    import json
+
+    axes = {t.name: list(t.shape) for t in graph.inputs}
+    return {PARAM_AXES: json.dumps(axes), PARAM_AXIS_LIMITS: json.dumps(graph_axis_limits(max_context))}
+
+
+def graph_model_config_dict(graph, graph_file, threads: int | None = None, max_context: int = 2048) -> dict:
     """The parsed-config dict an :class:`OrtGraphModel` gets (for in-process use)."""
+    bounds = {k: {"string_value": v} for k, v in _bound_params(graph, max_context).items()}
     return {
         "name": graph.name,
         "input": [{"name": t.name, "data_type": triton_dtype(t.dtype), "dims": _dims(t.shape)} for t in graph.inputs],
         "output": [{"name": t.name, "data_type": triton_dtype(t.dtype), "dims": _dims(t.shape)} for t in graph.outputs],
         "parameters": {PARAM_GRAPH_FILE: {"string_value": str(graph_file)},
-                       PARAM_THREADS: {"string_value": str(threads or 0)}},
+                       PARAM_THREADS: {"string_value": str(threads or 0)}, **bounds},
     }
 
 
@@ -129,17 +134,19 @@ def _ngc_graph_model(repo: Path, export: Path, graph, instance_count: int, link:
 
 def write_bls_model(repo: str | os.PathLike, export_param: str, *, name: str = BLS_MODEL, max_conversations: int = 8,
                     idle_timeout_s: float = 600, instance_count: int = 1, sys_path: Sequence[str] | None = None,
-                    extra_parameters: dict | None = None) -> Path:
-    """The ``segllm`` BLS model (also used to add a variant, e.g. one with a short idle timeout)."""
+                    extra_parameters: dict | None = None, max_session_bytes: int | None = None) -> Path:
+    """The ``segllm`` BLS model (also used to add a variant, e.g. one with a short idle timeout).
+
+    Always ONE instance (it holds the conversations; ``instance_count`` applies to the graph models)
+    and no sequence batcher: conversations are the model's own (see :class:`~.bls.ConversationStore`)."""
     if idle_timeout_s <= 0:
         raise ValueError("idle_timeout_s must be > 0")
-    per_instance = -(-int(max_conversations) // max(1, int(instance_count)))
-    return write_python_model(
-        repo, name, f"{ENTRY}.bls:SegLLMBlsModel", BLS_INPUTS, BLS_OUTPUTS,
-        max_batch_size=slots_for(max_conversations, instance_count), instance_count=instance_count,
-        max_sequence_idle_microseconds=int(idle_timeout_s * 1e6), sys_path=sys_path,
-        parameters={PARAM_EXPORT_DIR: export_param, PARAM_MAX_CONVERSATIONS: str(per_instance),
-                    PARAM_IDLE_TIMEOUT: str(float(idle_timeout_s)), **(extra_parameters or {})})
+    params = {PARAM_EXPORT_DIR: export_param, PARAM_MAX_CONVERSATIONS: str(int(max_conversations)),
+              PARAM_IDLE_TIMEOUT: str(float(idle_timeout_s)), **(extra_parameters or {})}
+    if max_session_bytes:
+        params[PARAM_MAX_SESSION_BYTES] = str(int(max_session_bytes))
+    return write_python_model(repo, name, f"{ENTRY}.bls:SegLLMBlsModel", BLS_INPUTS, BLS_OUTPUTS,
+                              max_batch_size=0, instance_count=1, sys_path=sys_path, parameters=params)
 
 
 def generate_repository(export_dir, out_repo, target: str = "python", max_conversations: int = 8,
@@ -183,7 +190,8 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
                                [_spec(t) for t in g.inputs], [_spec(t) for t in g.outputs],
                                instance_count=instance_count, sys_path=sys_path,
                                parameters={PARAM_GRAPH_FILE: str(export / g.file),
-                                           PARAM_THREADS: str(threads or 0)})
+                                           PARAM_THREADS: str(threads or 0),
+                                           **_bound_params(g, int(manifest.model["max_context"]))})
         else:
             _ngc_graph_model(repo, export, g, instance_count, link_graphs)
 

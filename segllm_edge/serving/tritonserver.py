@@ -240,6 +240,50 @@ def server_environment(setup: BackendSetup, base: Mapping[str, str] | None = Non
 # --------------------------------------------------------------------------------------------
 # the server
 # --------------------------------------------------------------------------------------------
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something already listens on (or holds) ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # TIME_WAIT leftovers are not "in use"
+        try:
+            s.bind((host if host not in ("", "0.0.0.0") else "0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+#: the process-group watchdog: when the process that started tritonserver dies (even by SIGKILL),
+#: it kills tritonserver's whole process group (the server and its python-backend stubs), itself included
+WATCHDOG = """
+import os, signal, sys, time
+parent, pgid = int(sys.argv[1]), int(sys.argv[2])
+while True:
+    try:
+        os.kill(parent, 0)
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        break
+    if os.getppid() != parent:
+        break
+    time.sleep(0.5)
+try:
+    os.killpg(pgid, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: own process group (same session, so the watchdog can join it), and SIGKILL
+    when the parent -- the thread that started it -- dies (Linux prctl; start servers from a long-lived thread)."""
+    os.setpgid(0, 0)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -309,6 +353,10 @@ class TritonServer:
         setup = prepare_backends(install, self._cache_dir)
 
         wanted = (http_port or self._ports[0], grpc_port or self._ports[1], metrics_port or self._ports[2])
+        busy = [f"{p}" for p in wanted if p is not None and port_in_use(p, self.address)]
+        if busy:
+            raise TritonServerError(f"port {', '.join(busy)} on {self.address} is already in use (another server "
+                                    "running?); stop it or choose other ports")
         ports: list[int] = []
         for p in wanted:
             while p is None or p in ports:
@@ -337,9 +385,14 @@ class TritonServer:
         self._log_file = open(self._log_path, "ab")
         self.started_at = time.monotonic()
         self.ready_after_s = None
-        # own session/process group: stop() can take the stub processes down with the server
+        # own session/process group: stop() can take the stub processes down with the server; the server gets
+        # SIGKILL if this process dies, and a watchdog in its group kills the stubs then too (kill -9 included)
         self._proc = subprocess.Popen(self.command, env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+                                      stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        pgid = self._proc.pid
+        self._watchdog = subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG, str(os.getpid()), str(pgid)],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          preexec_fn=lambda: os.setpgid(0, pgid))
         _LIVE.add(self)
         return self
 
@@ -386,7 +439,10 @@ class TritonServer:
                     code = proc.wait(timeout=10)
             else:
                 code = proc.returncode
-            self._killpg(proc.pid)   # stubs left behind by a crashed server
+            self._killpg(proc.pid)   # stubs left behind by a crashed server (and the watchdog)
+            watchdog = getattr(self, "_watchdog", None)
+            if watchdog is not None:
+                watchdog.wait(timeout=10)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -517,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)
-    ap.add_argument("--address", default="0.0.0.0")
+    ap.add_argument("--address", default="127.0.0.1", help="default 127.0.0.1 (as `segllm-edge serve`); 0.0.0.0: all")
     ap.add_argument("--print-env", action="store_true", help="print the command line and environment, do not run")
     ap.add_argument("extra", nargs="*", help="more tritonserver arguments (after --)")
     a = ap.parse_args(argv)

@@ -8,14 +8,14 @@ import io
 
 import numpy as np
 
-from ..errors import (BackendError, ContextOverflowError, ImageError, QuestionError, RoundReferenceError, SegLLMError,
-                      SessionError)
+from ..errors import (BackendError, ConfigError, ContextOverflowError, ImageError, LimitError, QuestionError,
+                      RoundReferenceError, SegLLMError, SessionError)
 
 #: error class name shown in brackets (``[RoundReferenceError] …``) → the class
 ERROR_CLASSES = {
     "ImageError": ImageError, "QuestionError": QuestionError, "RoundReferenceError": RoundReferenceError,
     "ContextOverflowError": ContextOverflowError, "SessionError": SessionError, "BackendError": BackendError,
-    "SegLLMError": SegLLMError,
+    "SegLLMError": SegLLMError, "LimitError": LimitError, "ConfigError": ConfigError,
 }
 
 
