@@ -30,6 +30,7 @@ from onnx import TensorProto, helper
 import segllm_edge
 from conftest import GOLDEN_QUESTIONS
 from segllm_edge.errors import BackendError
+from segllm_edge.contracts.backends import BACKENDS
 from segllm_edge.contracts.manifest import Manifest, TensorSpec
 from segllm_edge.export.tensorrt import builder as B
 from segllm_edge.contracts import engines as C
@@ -398,7 +399,7 @@ def test_load_cuda_backend_without_cuda(golden_export, golden_ckpt, monkeypatch)
         segllm_edge.load(golden_ckpt, backend="torch", device="cuda")
     with pytest.raises(BackendError, match="CUDAExecutionProvider"):
         segllm_edge.load(golden_export, backend="onnxruntime", device="cuda")
-    with pytest.raises(BackendError, match="choose one of torch, onnxruntime, cuda, tensorrt"):
+    with pytest.raises(BackendError, match="choose one of " + ", ".join(BACKENDS)):
         segllm_edge.load(golden_export, backend="tpu")
 
 

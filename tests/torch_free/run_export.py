@@ -31,12 +31,17 @@ def main(export, image, out):
     service = ConversationService(lambda: TritonBlsBackend(export, InProcessCaller(export)))
     payload = open(image, "rb").read()
     bls_masks = []
+    token = None
     for i, q in enumerate(QUESTIONS):
-        ctx = RequestContext(correlation_id=7, sequence_start=i == 0, sequence_end=i == len(QUESTIONS) - 1)
-        inputs = {"question": np.array([q.encode()], dtype=np.object_)}
+        inputs = {"question": np.array([q.encode()], dtype=np.object_),
+                  "end": np.array([i == len(QUESTIONS) - 1])}
         if i == 0:
+            inputs["start"] = np.array([True])
             inputs["image"] = np.array([payload], dtype=np.object_)
-        got = service.handle(inputs, ctx)
+        else:
+            inputs["conversation"] = np.array([token], dtype=np.object_)
+        got = service.handle(inputs, RequestContext())
+        token = got["conversation"].reshape(-1)[0]
         bls_masks.append(decode_mask_png(got["mask"].reshape(-1)[0]))
     np.savez(out, model_masks=np.stack([r.model_mask for r in res]), masks=np.stack([r.mask for r in res]),
              bls_masks=np.stack(bls_masks), query_index=np.array([r.query_index for r in res]),
