@@ -117,21 +117,22 @@ def test_api_errors_caps_expiry_and_separate_conversations(web_model, golden_ima
         assert st == 400 and err["kind"] == "ImageError" and "'notes.txt' is not an image" in err["error"]
         st, err = call(f"{base}/api/conversations", "POST", b"")
         assert st == 400 and "is empty" in err["error"]
-        from segllm_edge.web.conversations import MAX_UPLOAD_BYTES
+        from segllm_edge.limits import MAX_IMAGE_BYTES
 
         import http.client
         from urllib.parse import urlsplit
 
         conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=30)  # refused on its declared size,
         conn.putrequest("POST", "/api/conversations")                        # before any body is read
-        conn.putheader("Content-Length", str(MAX_UPLOAD_BYTES + 1))
+        conn.putheader("Content-Length", str(MAX_IMAGE_BYTES + 1))
         conn.putheader("X-Filename", "huge.raw")
         conn.endheaders()
         res = conn.getresponse()
         err = json.loads(res.read())
         conn.close()
-        assert res.status == 400 and "'huge.raw' is 32.0 MiB, over this demo's limit" in err["error"]
-        assert info["max_upload_bytes"] == MAX_UPLOAD_BYTES
+        assert res.status == 400 and err["kind"] == "ImageError"
+        assert f"'huge.raw' is {MAX_IMAGE_BYTES + 1} bytes, over the limit of {MAX_IMAGE_BYTES} bytes" in err["error"]
+        assert info["max_upload_bytes"] == MAX_IMAGE_BYTES
 
         png = golden_image.read_bytes()
         st, a = call(f"{base}/api/conversations", "POST", png, {"X-Filename": "shapes_a.png"})
