@@ -19,7 +19,7 @@ pytest.importorskip("uvicorn")
 
 from segllm_edge.drawing import FILL_ALPHA, Mark, legend_image, outline, round_color, round_layer, tag_positions  # noqa: E402
 from segllm_edge.web.cli import bind  # noqa: E402
-from segllm_edge.web.conversations import ConversationStore, LocalEngine, RemoteEngine  # noqa: E402
+from segllm_edge.web.conversations import ConversationStore, LocalEngine, RemoteEngine, decode_upload  # noqa: E402
 from web_helpers import ROUND_TIMEOUT_S, ask, call, live_server  # noqa: E402
 
 
@@ -117,21 +117,22 @@ def test_api_errors_caps_expiry_and_separate_conversations(web_model, golden_ima
         assert st == 400 and err["kind"] == "ImageError" and "'notes.txt' is not an image" in err["error"]
         st, err = call(f"{base}/api/conversations", "POST", b"")
         assert st == 400 and "is empty" in err["error"]
-        from segllm_edge.web.conversations import MAX_UPLOAD_BYTES
+        from segllm_edge.limits import MAX_IMAGE_BYTES
 
         import http.client
         from urllib.parse import urlsplit
 
         conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=30)  # refused on its declared size,
         conn.putrequest("POST", "/api/conversations")                        # before any body is read
-        conn.putheader("Content-Length", str(MAX_UPLOAD_BYTES + 1))
+        conn.putheader("Content-Length", str(MAX_IMAGE_BYTES + 1))
         conn.putheader("X-Filename", "huge.raw")
         conn.endheaders()
         res = conn.getresponse()
         err = json.loads(res.read())
         conn.close()
-        assert res.status == 400 and "'huge.raw' is 32.0 MiB, over this demo's limit" in err["error"]
-        assert info["max_upload_bytes"] == MAX_UPLOAD_BYTES
+        assert res.status == 400 and err["kind"] == "ImageError"
+        assert f"'huge.raw' is {MAX_IMAGE_BYTES + 1} bytes, over the limit of {MAX_IMAGE_BYTES} bytes" in err["error"]
+        assert info["max_upload_bytes"] == MAX_IMAGE_BYTES
 
         png = golden_image.read_bytes()
         st, a = call(f"{base}/api/conversations", "POST", png, {"X-Filename": "shapes_a.png"})
@@ -371,3 +372,30 @@ def test_web_command_refuses_bad_arguments_before_loading(tmp_path):
         held.close()
     r = runner.invoke(main, ["web", "--checkpoint", str(tmp_path / "none"), "--port", "0"])
     assert r.exit_code != 0 and "no such checkpoint" in r.output and "Traceback" not in r.output
+
+
+def test_uploads_are_held_to_the_package_limits():
+    """decode_upload checks segllm_edge.limits (one definition with the API and the server) before decoding."""
+    import struct
+    import zlib
+
+    from segllm_edge.errors import ImageError
+    from segllm_edge.limits import MAX_ASPECT_RATIO, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+
+    buf = io.BytesIO()
+    Image.new("RGB", (int(MAX_ASPECT_RATIO) * 10 + 10, 10)).save(buf, "PNG")
+    with pytest.raises(ImageError, match="aspect ratio of 21:1, over the limit of 20:1"):
+        decode_upload(buf.getvalue(), "wide.png")
+
+    # a PNG header declaring more pixels than the limit: refused from the header, nothing decoded
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    with pytest.raises(ImageError, match=f"over the limit of {MAX_IMAGE_PIXELS} pixels"):
+        decode_upload(png, "huge.png")
+
+    with pytest.raises(ImageError, match=f"over the limit of {MAX_IMAGE_BYTES} bytes"):
+        decode_upload(b"\0" * (MAX_IMAGE_BYTES + 1), "big.bin")

@@ -46,7 +46,8 @@ from ..drawing import legend_image, round_color, to_png
 from ..errors import (BackendError, ContextOverflowError, ImageError, QuestionError, RoundReferenceError, SegLLMError,
                       SessionError)
 from ..runtime.profiler import STAGES
-from .conversations import MAX_UPLOAD_BYTES, BusyError, CapacityError, ConversationStore, decode_upload
+from ..limits import MAX_IMAGE_BYTES, check_image_bytes
+from .conversations import BusyError, CapacityError, ConversationStore, decode_upload
 
 log = logging.getLogger("segllm_edge.web")
 
@@ -85,17 +86,16 @@ def _api(fn):
     return wrapper
 
 
-async def _read_limited(request: Request, limit: int, name: str) -> bytes:
-    """The request body, refused with ImageError as soon as it exceeds ``limit`` bytes (never held whole)."""
+async def _read_image_body(request: Request, name: str) -> bytes:
+    """The uploaded image, refused with ImageError (``segllm_edge.limits``' byte limit) on its declared size before
+    any of the body is read, else as soon as the bytes read exceed the limit (never held whole)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ImageError(f"{name!r} is {int(declared) / 2**20:.1f} MiB, over this demo's limit of "
-                         f"{limit / 2**20:.0f} MiB")
+    if declared and declared.isdigit():
+        check_image_bytes(int(declared), repr(name))
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise ImageError(f"{name!r} is over this demo's limit of {limit / 2**20:.0f} MiB")
+        check_image_bytes(size, repr(name))
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -156,7 +156,7 @@ def create_app(store: ConversationStore, expire_every: float | None = None) -> S
         return JSONResponse({"model": info, "max_conversations": store.max_conversations,
                              "idle_timeout_s": store.idle_timeout, "live_conversations": len(store),
                              "stages": list(CHART_STAGES), "demo_questions": list(DEMO_QUESTIONS),
-                             "max_question_chars": MAX_QUESTION_CHARS, "max_upload_bytes": MAX_UPLOAD_BYTES})
+                             "max_question_chars": MAX_QUESTION_CHARS, "max_upload_bytes": MAX_IMAGE_BYTES})
 
     @_api
     async def new_conversation(request):
@@ -165,7 +165,7 @@ def create_app(store: ConversationStore, expire_every: float | None = None) -> S
             data, name = path.read_bytes(), path.name
         else:
             name = unquote(request.headers.get("x-filename", "upload"))[:200]
-            data = await _read_limited(request, MAX_UPLOAD_BYTES, name)
+            data = await _read_image_body(request, name)
         image = await to_thread.run_sync(decode_upload, data, name)
         conv = await to_thread.run_sync(store.create, image, name)
         log.info("conversation %s… opened (%s, %dx%d); %d live", conv.id[:6], name, conv.rgb.shape[1],

@@ -21,11 +21,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..drawing import Mark, mark_of, round_layer, tag_positions, to_png
 from ..errors import ImageError, SessionError
+from ..limits import check_image_bytes, check_image_size
 
 log = logging.getLogger("segllm_edge.web")
-
-MAX_UPLOAD_BYTES = 32 * 1024 * 1024
-MAX_UPLOAD_PIXELS = 40_000_000
 
 
 class CapacityError(SessionError):
@@ -36,20 +34,17 @@ class BusyError(SessionError):
     """A round is already running in this conversation (HTTP 409)."""
 
 
-def decode_upload(data: bytes, name: str = "upload", max_bytes: int = MAX_UPLOAD_BYTES,
-                  max_pixels: int = MAX_UPLOAD_PIXELS) -> Image.Image:
+def decode_upload(data: bytes, name: str = "upload") -> Image.Image:
     """Uploaded bytes → an RGB PIL image, upright (EXIF orientation applied), or ImageError naming the problem.
-    Size limits are checked before the pixels are decoded."""
+    The package's input limits (``segllm_edge.limits``: encoded bytes, pixels, aspect ratio) are checked
+    before the pixels are decoded."""
     what = repr(name) if name else "the upload"
     if not data:
         raise ImageError(f"{what} is empty: choose an image file (PNG, JPEG, WebP, ...)")
-    if len(data) > max_bytes:
-        raise ImageError(f"{what} is {len(data) / 2**20:.1f} MiB, over this demo's limit of {max_bytes / 2**20:.0f} MiB")
+    check_image_bytes(len(data), what)
     try:
         img = Image.open(io.BytesIO(data))
-        if img.width * img.height > max_pixels:
-            raise ImageError(f"{what} is {img.width}x{img.height} pixels, over this demo's limit of "
-                             f"{max_pixels / 1e6:.0f} megapixels")
+        check_image_size(img.width, img.height, what)
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

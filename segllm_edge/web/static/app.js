@@ -49,7 +49,7 @@ async function startConversation(file) {
   clearError();
   const limit = state.info ? state.info.max_upload_bytes : 0;
   if (file && limit && file.size > limit) {   // the server refuses it too; this spares the upload
-    showError(`'${file.name}' is ${(file.size / 2 ** 20).toFixed(1)} MiB, over this demo's limit of ` +
+    showError(`'${file.name}' is ${(file.size / 2 ** 20).toFixed(1)} MiB, over the limit of ` +
               `${Math.round(limit / 2 ** 20)} MiB`);
     $("file-input").value = "";
     return;
