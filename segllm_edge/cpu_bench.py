@@ -11,10 +11,7 @@ import time
 
 import numpy as np
 
-
-def _iou(a, b) -> float:
-    u = np.logical_or(a, b).sum()
-    return 1.0 if u == 0 else float(np.logical_and(a, b).sum() / u)
+from .pipeline.masks import mask_iou
 
 
 def compare_paths(models: dict, image, questions, repeats: int = 1, base: str | None = None,
@@ -51,9 +48,9 @@ def compare_paths(models: dict, image, questions, repeats: int = 1, base: str | 
         row = {"path": n, "median_ms_per_round": med,
                "mask_decoder_median_ms": [statistics.median(x) for x in dec[n]],
                f"speedup_vs_{base}": [b / m for b, m in zip(base_med, med)],
-               f"iou_vs_{base}": [_iou(a, b) for a, b in zip(masks[n], masks[base])], "runs_ms": ms[n]}
+               f"iou_vs_{base}": [mask_iou(a, b) for a, b in zip(masks[n], masks[base])], "runs_ms": ms[n]}
         if reference_masks is not None:
-            row["iou_vs_reference"] = [_iou(a, b) for a, b in zip(masks[n], reference_masks)]
+            row["iou_vs_reference"] = [mask_iou(a, b) for a, b in zip(masks[n], reference_masks)]
         rows.append(row)
     return {"questions": list(questions), "repeats": repeats, "base": base, "paths": rows}
 

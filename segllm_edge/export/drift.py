@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import SegLLMError
+from ..pipeline.masks import mask_iou
 
 GUARD_MIN_IOU = 0.9  # a compared round whose mask IoU vs fp32 falls below this fails the accuracy guard
 
@@ -54,11 +55,6 @@ def run_probe(probe: DriftProbe, folder: Path) -> list[RoundOutcome]:
         out.append(RoundOutcome(mask=np.asarray(r.model_mask, dtype=bool),
                                 hidden=np.asarray(r.trace["hidden"], dtype=np.float32), query_index=int(r.query_index)))
     return out
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    u = np.logical_or(a, b).sum()
-    return 1.0 if u == 0 else float(np.logical_and(a, b).sum() / u)
 
 
 def compare_rounds(ref: list[RoundOutcome], got: list[RoundOutcome], precision: str) -> list[dict]:

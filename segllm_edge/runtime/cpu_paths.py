@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError
+from ..pipeline.masks import mask_iou
 
 GUARD_FILE = "cpu_guard.json"
 GUARD_MIN_IOU = 0.99
@@ -101,11 +102,6 @@ def default_cpu_path(export_dir) -> CpuPath:
                        "segllm-edge[openvino]")
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    u = np.logical_or(a, b).sum()
-    return 1.0 if u == 0 else float(np.logical_and(a, b).sum() / u)
-
-
 def conversation_masks(model, image, questions) -> list[np.ndarray]:
     s = model.session(image)
     return [s.ask(q).model_mask for q in questions]
@@ -126,7 +122,7 @@ def accuracy_guard(export_dir, paths=None, image=None, questions=None, min_iou: 
     report.update(min_iou=min_iou, questions=list(questions))
     for p in paths:
         got = conversation_masks(p.load(export_dir), image, questions)
-        ious = [_iou(a, b) for a, b in zip(ref, got)]
+        ious = [mask_iou(a, b) for a, b in zip(ref, got)]
         report["paths"][p.name] = {"mask_iou_per_round": ious, "worst": min(ious),
                                    "passed": min(ious) >= min_iou, "cpu": cpu_name()}
     if write:
