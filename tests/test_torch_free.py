@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN_QUESTIONS
+from segllm_edge.pipeline.masks import mask_iou
 from torch_free import lean_venv as lean_venv_build
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _iou(a, b) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    u = np.logical_or(a, b).sum()
-    return 1.0 if u == 0 else float(np.logical_and(a, b).sum() / u)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +48,7 @@ def test_torch_and_transformers_are_not_installed(lean_run):
 
 @pytest.mark.parametrize("r", [1, 2, 3])
 def test_golden_conversation_matches_research_code(lean_run, golden_rounds, r):
-    assert _iou(lean_run["model_masks"][r - 1], golden_rounds[r]["final_mask"]) >= 0.99
+    assert mask_iou(lean_run["model_masks"][r - 1], golden_rounds[r]["final_mask"]) >= 0.99
     assert int(lean_run["query_index"][r - 1]) == int(golden_rounds[r]["selected_fg_query_id_last"])
 
 
