@@ -8,6 +8,9 @@ request carries (nothing else identifies a conversation); :meth:`RemoteSession.c
 (restart, idle timeout) raises :class:`~segllm_edge.errors.SessionError` -- never a wrong mask.
 A :class:`RemoteSession` may be shared between threads (its rounds run one at a time).
 Every request has a deadline (``timeout_s``, default :data:`DEFAULT_TIMEOUT_S`).
+While no server answers (a restart; ``serve --state-dir/--redis-url`` keeps the conversations) a request
+is retried with bounded exponential backoff (``retry``, default about a minute: :mod:`.client_retry`);
+errors a retry cannot fix are raised at once.
 """
 from __future__ import annotations
 
@@ -103,10 +106,14 @@ class SegLLMClient:
     (``serve --tls-cert/--tls-key``)."""
 
     def __init__(self, url: str = "localhost:8001", model: str = "segllm", timeout_s: float | None = None,
-                 api_key: str | None = None, ssl: bool = False, root_certificates: str | None = None):
+                 api_key: str | None = None, ssl: bool = False, root_certificates: str | None = None, retry=None):
         import tritonclient.grpc as grpcclient
 
+        from .client_retry import policy
         from .serving.security import grpc_headers
+
+        self.retry = policy(retry)
+        self._tls = dict(ssl=ssl, root_certificates=root_certificates)
 
         self.url = url
         self.model = model
@@ -146,11 +153,20 @@ class SegLLMClient:
             t.set_data_from_numpy(a)
             inputs.append(t)
         outs = [g.InferRequestedOutput(n) for n in OUTPUT_NAMES]
-        try:
-            return self._client.infer(self.model, inputs, outputs=outs, headers=self.headers,
-                                      client_timeout=self.timeout_s)
-        except InferenceServerException as exc:
-            raise map_error(exc) from None
+        from .client_retry import retryable
+
+        delays = self.retry.delays()
+        while True:
+            try:
+                return self._client.infer(self.model, inputs, outputs=outs, headers=self.headers,
+                                          client_timeout=self.timeout_s)
+            except InferenceServerException as exc:
+                delay = next(delays, None) if retryable(exc) else None
+                if delay is None:
+                    raise map_error(exc) from None
+            time.sleep(delay)
+            self._client.close()        # a fresh channel: gRPC's own reconnect backoff would wait longer
+            self._client = g.InferenceServerClient(self.url, **self._tls)
 
 
 def _bytes1(b: bytes) -> np.ndarray:
@@ -166,6 +182,7 @@ class RemoteSession:
         self.conversation = conversation      # the server's token, after the first round
         self.closed = False
         self.results: list[RemoteRoundResult] = []
+        self._next_round = 1 if conversation is None else None   # unknown for a conversation opened elsewhere
         self._lock = threading.RLock()
 
     @property
@@ -189,6 +206,8 @@ class RemoteSession:
                 arrays["image"] = _bytes1(self.image)
             else:
                 arrays["conversation"] = _bytes1(self.conversation.encode())
+                if self._next_round is not None:   # a retried round is answered again, never run twice
+                    arrays["round"] = np.array([self._next_round], dtype=np.int32)
             t0 = time.perf_counter()
             r = self.client._infer(arrays)
             rtt = (time.perf_counter() - t0) * 1e3
@@ -205,6 +224,8 @@ class RemoteSession:
                 box=r.as_numpy("box").reshape(-1).astype(np.float32), model_box=r.as_numpy("model_box").reshape(-1),
                 score=float(r.as_numpy("score").reshape(-1)[0]), timings=timings)
             self.results.append(res)
+            if self._next_round is not None:
+                self._next_round = res.round + 1
             return res
 
     def close(self) -> None:
@@ -225,7 +246,10 @@ class RemoteSession:
 
 
 def connect(url: str = "localhost:8001", model: str = "segllm", timeout_s: float | None = None,
-            api_key: str | None = None, ssl: bool = False, root_certificates: str | None = None) -> SegLLMClient:
-    """A client for a SegLLM Triton server's gRPC endpoint (``host:port``); see :class:`SegLLMClient`."""
+            api_key: str | None = None, ssl: bool = False, root_certificates: str | None = None,
+            retry=None) -> SegLLMClient:
+    """A client for a SegLLM Triton server's gRPC endpoint (``host:port``); see :class:`SegLLMClient`.
+    ``retry``: how long to retry while no server answers -- seconds, a
+    :class:`~segllm_edge.client_retry.RetryPolicy`, or False (default: about a minute)."""
     return SegLLMClient(url, model=model, timeout_s=timeout_s, api_key=api_key, ssl=ssl,
-                        root_certificates=root_certificates)
+                        root_certificates=root_certificates, retry=retry)

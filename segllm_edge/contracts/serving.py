@@ -19,6 +19,7 @@ BLS_INPUTS = (
     ("image", "TYPE_STRING", [1], True, False),           # encoded PNG/JPEG bytes, start only
     ("question", "TYPE_STRING", [1], True, False),        # required except for a close
     ("refs", "TYPE_INT32", [-1], True, False),            # round numbers, optional
+    ("round", "TYPE_INT32", [1], True, False),            # the round asked for (a retry is answered again)
 )
 #: the segllm BLS model's response tensors, in order
 BLS_OUTPUTS = (
@@ -45,6 +46,10 @@ PARAM_EXPORT_DIR = "segllm_export_dir"            # BLS: the export folder
 PARAM_MAX_CONVERSATIONS = "segllm_max_conversations"
 PARAM_IDLE_TIMEOUT = "segllm_idle_timeout_s"
 PARAM_MAX_SESSION_BYTES = "segllm_max_session_bytes"   # BLS: per-conversation memory budget (optional)
+PARAM_STATE_DIR = "segllm_state_dir"              # BLS: durable conversations in this directory (optional)
+PARAM_REDIS_URL = "segllm_redis_url"              # BLS: ... or in this Redis (optional; replicas share it)
+PARAM_STATE_MAX_BYTES = "segllm_state_max_bytes"  # BLS: stored bytes per conversation (optional)
+PARAM_STATE_MAX_TOTAL_BYTES = "segllm_state_max_total_bytes"  # BLS: stored bytes in total (optional)
 PARAM_AXES = "segllm_input_axes"          # graph models: JSON {input: [dim or axis name, ...]} (the manifest's)
 PARAM_AXIS_LIMITS = "segllm_axis_limits"  # graph models: JSON {axis: max} (segllm_edge.limits.graph_axis_limits)
 PARAM_GRAPH_FILE = "segllm_graph_file"            # graph models: the .onnx file

@@ -33,12 +33,15 @@ import numpy as np
 from ..contracts.export_folder import open_export
 from ..contracts.manifest import kv_names
 from ..contracts.serving import (ENCODE_IMAGE, HIPIE_IMAGE, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR, PARAM_IDLE_TIMEOUT,
-                                 PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES, PIXEL_VALUES, PREPROCESS_MODEL,
+                                 PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES, PARAM_REDIS_URL, PARAM_STATE_DIR,
+                                 PARAM_STATE_MAX_BYTES, PARAM_STATE_MAX_TOTAL_BYTES, PIXEL_VALUES, PREPROCESS_MODEL,
                                  PREPROCESS_PASSTHROUGH)
 from ..errors import BackendError, ImageError, QuestionError, RoundReferenceError, SessionError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from ..runtime.kv_cache import HostKVCache
 from ..runtime.session import ImageState, Session
+from ..runtime.transaction import snapshot
+from .durable import DurableConversations, replay, round_number
 from .models import decode_image_bytes, resolve_model_path
 from .pystub import PythonModel, RequestContext
 from .wire import ERROR_CLASSES, bracketed, encode_mask_png, parse_bracketed
@@ -212,6 +215,13 @@ class ConversationStore:
             self._states[token] = (self.clock(), state)
         return token, state
 
+    def adopt(self, token: str, state) -> None:
+        """Hold a conversation restored from a state store under its own token ("server full" at the cap)."""
+        with self._lock:
+            if token not in self._states and len(self._states) >= self.max_live:
+                raise SessionError(f"server full (max_conversations={self.max_live}); retry later")
+            self._states[token] = (self.clock(), state)
+
     def get(self, token):
         self.expire()
         entry = self._states.get(token) if isinstance(token, str) else None
@@ -270,8 +280,10 @@ class ConversationService:
     """
 
     def __init__(self, backend_factory: Callable[[], TritonBlsBackend], max_conversations: int = 8,
-                 idle_timeout_s: float | None = 600.0, clock=time.monotonic, max_session_bytes: int | None = None):
+                 idle_timeout_s: float | None = 600.0, clock=time.monotonic, max_session_bytes: int | None = None,
+                 state_store=None):
         self._backend_factory = backend_factory
+        self.durable = DurableConversations(state_store) if state_store is not None else None
         self._backend: TritonBlsBackend | None = None
         self.max_session_bytes = max_session_bytes
         self.store = ConversationStore(None, idle_timeout_s, max_conversations, clock)
@@ -322,31 +334,35 @@ class ConversationService:
                 raise ImageError("the first request of a conversation (start) must carry the image")
             if question is None:
                 raise QuestionError("the request has no question")
-            budget = self.max_session_bytes or default_session_bytes(backend.info)
-            token, session = self.store.open(lambda: BlsSession(backend, image, max_bytes=budget))
+            token, session = self.store.open(lambda: BlsSession(backend, image, max_bytes=self._budget()))
             try:
                 result = session.ask(question, refs)
+                if self.durable is not None:
+                    self.durable.save(token, session, expect=None)   # durable before the answer leaves
             except BaseException:
                 self.store.drop(token)           # a failed first round holds nothing
                 raise
         else:
             if token is None:
                 raise SessionError("the request names no conversation: send start (with the image) first")
-            session = self.store.get(token)
+            session = self._session(token)
             if end and (question is None or not question.strip()):
-                self.store.drop(token)           # close(): nothing to run
+                self._drop(token)                # close(): nothing to run
                 return self._closed_response(token)
             if image is not None:
                 raise SessionError("an image can only be sent with the first round (start); "
                                    "open a new session for a new image")
             if question is None:
                 raise QuestionError("the request has no question")
+            asked = round_number(inputs)
             try:
-                result = session.ask(question, refs)
+                result = replay(session, asked, question) if asked is not None else None
+                if result is None:
+                    result = self._round(token, session, question, refs)
             finally:
                 self.store.touch(token)
         if end:
-            self.store.drop(token)
+            self._drop(token)
         else:
             self.store.touch(token)
         total = (time.perf_counter() - t_start) * 1e3
@@ -355,6 +371,8 @@ class ConversationService:
         timings["bls_total"] = total
         timings["bls_overhead"] = max(0.0, total - timings["bls_model_calls"])
         timings["calls"] = dict(backend.call_ms)
+        if self.durable is not None:
+            timings.update(self.durable.last_write)
         return {
             "mask": np.array([encode_mask_png(result.mask)], dtype=np.object_),
             "box": np.asarray(result.box, dtype=np.float32).reshape(4),
@@ -364,6 +382,39 @@ class ConversationService:
             "timings": np.array([json.dumps(timings).encode()], dtype=np.object_),
             "conversation": np.array([token.encode()], dtype=np.object_),
         }
+
+    def _budget(self) -> int:
+        return self.max_session_bytes or default_session_bytes(self.backend.info)
+
+    def _session(self, token: str):
+        """The conversation from memory or, when memory lacks it or holds an older round, from the state store."""
+        self.store.expire()
+        held = token in self.store if isinstance(token, str) else False
+        if self.durable is not None and (not held or self.durable.stale(token, self.store.get(token))):
+            backend = self.backend
+            restored = self.durable.load(token, backend, lambda img, reuse: BlsSession(backend, img,
+                                                                                       max_bytes=self._budget()))
+            if restored is not None:
+                self.store.adopt(token, restored)
+        return self.store.get(token)
+
+    def _round(self, token: str, session, question: str, refs):
+        """One round, saved to the state store before it is answered; a failed save undoes the round."""
+        before = snapshot(session)
+        n = len(session.rounds)
+        result = session.ask(question, refs)
+        if self.durable is not None:
+            try:
+                self.durable.save(token, session, expect=n)
+            except BaseException:
+                before.restore(session)
+                raise
+        return result
+
+    def _drop(self, token: str) -> None:
+        self.store.drop(token)
+        if self.durable is not None:
+            self.durable.drop(token)
 
     @staticmethod
     def _closed_response(token: str) -> dict:
@@ -447,8 +498,13 @@ class SegLLMBlsModel(PythonModel):
         cap = int(self.params.get(PARAM_MAX_CONVERSATIONS) or 8)
         budget = int(self.params.get(PARAM_MAX_SESSION_BYTES) or 0) or None
         caller = self.caller
+        from .state_store import open_store
+
+        store = open_store(self.params.get(PARAM_STATE_DIR) or None, self.params.get(PARAM_REDIS_URL) or None, idle,
+                           int(self.params.get(PARAM_STATE_MAX_BYTES) or 0) or None,
+                           int(self.params.get(PARAM_STATE_MAX_TOTAL_BYTES) or 0) or None)
         self.service = ConversationService(lambda: TritonBlsBackend(export_dir, caller), cap, idle,
-                                           max_session_bytes=budget)
+                                           max_session_bytes=budget, state_store=store)
         self.service.backend  # load tokenizer/manifest now: fail at model load, not at the first request
 
     def infer(self, inputs: dict, ctx: RequestContext) -> dict:

@@ -152,13 +152,14 @@ def write_bls_model(repo: str | os.PathLike, export_param: str, *, name: str = B
 def generate_repository(export_dir, out_repo, target: str = "python", max_conversations: int = 8,
                         idle_timeout_s: float = 600, instance_count: int = 1, force: bool = False, *,
                         sys_path: Sequence[str] | None = None, threads: int | None = None,
-                        link_graphs: bool = False) -> Path:
+                        link_graphs: bool = False, bls_parameters: dict | None = None) -> Path:
     """Write a Triton model repository for the export at ``export_dir`` into ``out_repo``; returns it.
 
     ``sys_path``: site-packages for the python models (default: this environment's; ``[]`` when the
     package is installed in the server's Python, e.g. an NGC image with ``pip install segllm-edge``).
     ``threads``: onnxruntime intra-op threads per graph model (default: all cores).
     ``link_graphs`` (ngc): symlink the graphs instead of copying them.
+    ``bls_parameters``: more parameters of the ``segllm`` model (e.g. its state store: :func:`.state_store.store_parameters`).
     """
     from ..contracts.manifest import MANIFEST_NAME, Manifest
 
@@ -212,7 +213,8 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
             shutil.copyfile(export / f, dst / f)
         export_param = "1/export"
     write_bls_model(repo, export_param, max_conversations=max_conversations, idle_timeout_s=idle_timeout_s,
-                    instance_count=instance_count, sys_path=sys_path, extra_parameters=common)
+                    instance_count=instance_count, sys_path=sys_path,
+                    extra_parameters={**common, **(bls_parameters or {})})
     return repo
 
 
