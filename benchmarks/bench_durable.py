@@ -88,7 +88,7 @@ def main() -> None:
                 s.ask(question(i).split("[REF:")[0])
             round_ms = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
-            blob = s.save()
+            blob = model.save(s)
             save_ms = (time.perf_counter() - t0) * 1e3
             states[i + 1] = blob
             write = {k: [] for k in stores}

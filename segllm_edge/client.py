@@ -9,7 +9,7 @@ request carries (nothing else identifies a conversation); :meth:`RemoteSession.c
 A :class:`RemoteSession` may be shared between threads (its rounds run one at a time).
 Every request has a deadline (``timeout_s``, default :data:`DEFAULT_TIMEOUT_S`).
 While no server answers (a restart; ``serve --state-dir/--redis-url`` keeps the conversations) a request
-is retried with bounded exponential backoff (``retry``, default about a minute: :mod:`.client_retry`);
+is retried with bounded exponential backoff (``retry``, default about a minute: :mod:`.retry`);
 errors a retry cannot fix are raised at once.
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ class SegLLMClient:
                  api_key: str | None = None, ssl: bool = False, root_certificates: str | None = None, retry=None):
         import tritonclient.grpc as grpcclient
 
-        from .client_retry import policy
+        from .retry import policy
         from .serving.security import grpc_headers
 
         self.retry = policy(retry)
@@ -153,7 +153,7 @@ class SegLLMClient:
             t.set_data_from_numpy(a)
             inputs.append(t)
         outs = [g.InferRequestedOutput(n) for n in OUTPUT_NAMES]
-        from .client_retry import retryable
+        from .retry import retryable
 
         delays = self.retry.delays()
         while True:
@@ -250,6 +250,6 @@ def connect(url: str = "localhost:8001", model: str = "segllm", timeout_s: float
             retry=None) -> SegLLMClient:
     """A client for a SegLLM Triton server's gRPC endpoint (``host:port``); see :class:`SegLLMClient`.
     ``retry``: how long to retry while no server answers -- seconds, a
-    :class:`~segllm_edge.client_retry.RetryPolicy`, or False (default: about a minute)."""
+    :class:`~segllm_edge.retry.RetryPolicy`, or False (default: about a minute)."""
     return SegLLMClient(url, model=model, timeout_s=timeout_s, api_key=api_key, ssl=ssl,
                         root_certificates=root_certificates, retry=retry)

@@ -36,7 +36,7 @@ def run(model, golden_image):
     for i, q in enumerate(GOLDEN_QUESTIONS, 1):
         s.ask(q)
         if i < 3:
-            states[i] = s.save()
+            states[i] = model.save(s)
     return s, states
 
 
@@ -63,7 +63,7 @@ def test_restored_session_continues_like_the_uninterrupted_one(model, run, after
     got = r.ask(GOLDEN_QUESTIONS[after])
     assert r.rounds[-1].ids == s.rounds[after].ids               # same token ids
     _same_round(got, s.rounds[after])
-    assert r.save()[:8] == b"SEGLLMST"
+    assert model.save(r)[:8] == b"SEGLLMST"
 
 
 def test_state_from_another_export_is_refused(run, golden_export_fp16):
@@ -373,13 +373,13 @@ def test_two_replicas_on_one_redis_share_a_conversation(golden_export, golden_im
 
 
 # -- no model needed ---------------------------------------------------------------------------------
-def test_client_retry_policy_and_what_it_retries():
+def test_retry_policy_and_what_it_retries():
     import itertools
 
     from tritonclient.utils import InferenceServerException
 
     import segllm_edge
-    from segllm_edge.client_retry import RetryPolicy, policy, retryable
+    from segllm_edge.retry import RetryPolicy, policy, retryable
     from segllm_edge.errors import ConfigError
 
     now = [0.0]

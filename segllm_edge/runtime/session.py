@@ -110,13 +110,6 @@ class Session:
             total += r.result.mask.nbytes + r.result.model_mask.nbytes + r.result.mask_logits.nbytes
         return total
 
-    def save(self) -> bytes:
-        """This conversation's durable part as bytes; ``model.restore(state)`` continues it
-        (:mod:`segllm_edge.runtime.session_state`)."""
-        from .session_state import save_session
-
-        return save_session(self)
-
     def close(self) -> None:
         self._cache = None
         self._image = None
