@@ -143,7 +143,7 @@ class SegLLMClient:
         self.close()
 
     # -- transport ------------------------------------------------------------------------------
-    def _infer(self, arrays: dict):
+    def _infer(self, arrays: dict, retry: bool = True):
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
         g = self._grpc
@@ -155,7 +155,7 @@ class SegLLMClient:
         outs = [g.InferRequestedOutput(n) for n in OUTPUT_NAMES]
         from .retry import retryable
 
-        delays = self.retry.delays()
+        delays = self.retry.delays() if retry else iter(())
         while True:
             try:
                 return self._client.infer(self.model, inputs, outputs=outs, headers=self.headers,
@@ -233,7 +233,8 @@ class RemoteSession:
         with self._lock:
             if not self.closed and self.conversation is not None:
                 try:
-                    self.client._infer({"end": np.array([True]), "conversation": _bytes1(self.conversation.encode())})
+                    self.client._infer({"end": np.array([True]), "conversation": _bytes1(self.conversation.encode())},
+                                       retry=False)    # a close does not wait for a server to come back
                 except SegLLMError:
                     pass
             self.closed = True

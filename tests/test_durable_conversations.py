@@ -49,9 +49,20 @@ def _same_round(got, want_round):
 
 
 @pytest.mark.parametrize("after", [1, 2])
-def test_restored_session_continues_like_the_uninterrupted_one(model, run, after):
+def test_restored_session_continues_like_the_uninterrupted_one(model, run, after, monkeypatch):
     s, states = run
+    calls = {"llm": 0, "mask_decode": 0, "encode_masks": 0}
+    for name in calls:
+        real = getattr(model.backend, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(model.backend, name, counted)
     r = model.restore(states[after])
+    assert calls == {"llm": 1, "mask_decode": 0, "encode_masks": 0}   # ONE prefill, no old round decoded again
+    monkeypatch.undo()
     assert len(r.rounds) == after and r.context_length == sum(len(x.ids) for x in s.rounds[:after])
     assert r.kv_cache_bytes() > 0 and set(r.restore_timings) >= {"llm_prefill", "restore_parse"}
     assert "mask_decoder" not in r.restore_timings            # old rounds are never decoded again
@@ -130,7 +141,7 @@ def test_a_writer_killed_mid_write_leaves_the_previous_round_loadable(model, run
 
 
 def _exercise_store(store, states):
-    from segllm_edge.serving.state_store import ConflictError, state_key
+    from segllm_edge.serving.state_store import state_key
 
     a, b = state_key("token-a"), state_key("token-b")
     assert store.get(a) is None and store.rounds(a) is None
@@ -138,7 +149,7 @@ def _exercise_store(store, states):
     assert store.get(a) == states[1] and store.rounds(a) == 1
     store.put(a, states[2], expect=1)
     assert store.rounds(a) == 2
-    with pytest.raises(ConflictError, match="another request answered round 2"):
+    with pytest.raises(SessionStateError, match="another request answered round 2"):
         store.put(a, states[2], expect=1)                          # a replica still at round 1
     assert store.get(a) == states[2]
     assert store.total_bytes() == len(states[2])

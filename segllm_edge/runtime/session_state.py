@@ -13,7 +13,7 @@ Layout of a saved state (all integers little-endian)::
 
     b"SEGLLMST"  u16 format version  u32 rounds  u64 body length  32 bytes sha256(body)  body
 
-``body`` is an ``.npz`` archive (numpy only, loaded with ``allow_pickle=False``): ``meta`` (JSON:
+``body`` is a compressed ``.npz`` archive (numpy only, loaded with ``allow_pickle=False``): ``meta`` (JSON:
 identity, questions, refs, scores ...), ``image`` and the per-round arrays.  The fixed header lets a
 store read a state's round count without reading the state (:func:`peek_rounds`).
 
@@ -175,7 +175,7 @@ def save_session(session) -> bytes:
             "image_hw": list(session.rgb.shape[:2]), "rounds": rounds, "saved_at": time.time()}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez_compressed(buf, **arrays)           # bit-packed masks are mostly zeros
     body = buf.getvalue()
     return _HEADER.pack(MAGIC, STATE_FORMAT_VERSION, len(rounds), len(body), hashlib.sha256(body).digest()) + body
 

@@ -8,7 +8,7 @@ own token hashes to.
 Both stores:
 
 * write a state whole and atomically -- a reader sees the previous state or the new one, never a part;
-* compare and set: ``put(key, state, expect=n)`` fails with :class:`ConflictError` when the stored
+* compare and set: ``put(key, state, expect=n)`` fails with a SessionStateError when the stored
   state's round count is neither ``n`` nor absent (another replica answered a round meanwhile);
 * expire a state ``ttl_s`` after its last write or read (the server's idle timeout);
 * cap the bytes of one state (``max_state_bytes``) and of all of them (``max_total_bytes``): a put over
@@ -37,10 +37,6 @@ DEFAULT_MAX_STATE_BYTES = limits.MAX_IMAGE_BYTES + 32 * 2**20
 #: every conversation's together: a directory is disk, Redis is memory
 DEFAULT_MAX_TOTAL_BYTES = {"directory": 16 * 2**30, "redis": 2 * 2**30}
 SUFFIX = ".state"
-
-
-class ConflictError(SessionStateError):
-    """The stored state moved on (another replica answered a round of this conversation meanwhile)."""
 
 
 def state_key(token: str) -> str:
@@ -82,8 +78,9 @@ class StateStore:
                 f"in total; states expire {ttl} after their last use")
 
 
-def _conflict(key: str, have: int, expect: int) -> ConflictError:
-    return ConflictError(f"another request answered round {have} of this conversation while this one answered "
+def _conflict(key: str, have: int, expect: int) -> SessionStateError:
+    """The stored state moved on (another replica answered a round of this conversation meanwhile)."""
+    return SessionStateError(f"another request answered round {have} of this conversation while this one answered "
                          f"round {expect + 1} (two replicas at once?); the round was not applied, retry")
 
 
@@ -371,5 +368,5 @@ def open_store(state_dir=None, redis_url: str | None = None, ttl_s: float | None
     return None
 
 
-__all__ = ["StateStore", "DirectoryStore", "RedisStore", "ConflictError", "open_store", "store_parameters", "state_key",
+__all__ = ["StateStore", "DirectoryStore", "RedisStore", "open_store", "store_parameters", "state_key",
            "DEFAULT_MAX_STATE_BYTES", "DEFAULT_MAX_TOTAL_BYTES"]
