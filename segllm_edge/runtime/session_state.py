@@ -13,7 +13,7 @@ Layout of a saved state (all integers little-endian)::
 
     b"SEGLLMST"  u16 format version  u32 rounds  u64 body length  32 bytes sha256(body)  body
 
-``body`` is a compressed ``.npz`` archive (numpy only, loaded with ``allow_pickle=False``): ``meta`` (JSON:
+``body`` is an ``.npz`` archive (the image stored, the rest deflated; numpy only, loaded with ``allow_pickle=False``): ``meta`` (JSON:
 identity, questions, refs, scores ...), ``image`` and the per-round arrays.  The fixed header lets a
 store read a state's round count without reading the state (:func:`peek_rounds`).
 
@@ -174,10 +174,23 @@ def save_session(session) -> bytes:
     meta = {"identity": model_identity(session.backend), "reuse": bool(session.reuse),
             "image_hw": list(session.rgb.shape[:2]), "rounds": rounds, "saved_at": time.time()}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)           # bit-packed masks are mostly zeros
-    body = buf.getvalue()
+    body = _npz(arrays)
     return _HEADER.pack(MAGIC, STATE_FORMAT_VERSION, len(rounds), len(body), hashlib.sha256(body).digest()) + body
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """An ``.npz`` (what ``np.load`` reads) with the encoded image stored as is and the rest deflated
+    (bit-packed masks are mostly zeros; compressing the PNG/JPEG again would only cost time)."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, a in arrays.items():
+            zi = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            zi.compress_type = zipfile.ZIP_STORED if name == "image" else zipfile.ZIP_DEFLATED
+            with zf.open(zi, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------

@@ -321,6 +321,8 @@ class ConversationService:
         t_start = time.perf_counter()
         backend = self.backend
         backend.call_ms = {}
+        if self.durable is not None:
+            self.durable.last_write = {}
         start, end = _flag(inputs.get("start")), _flag(inputs.get("end"))
         token_b = _scalar_bytes(inputs.get("conversation"))
         token = token_b.decode("ascii", "replace") if token_b else None
@@ -345,15 +347,17 @@ class ConversationService:
         else:
             if token is None:
                 raise SessionError("the request names no conversation: send start (with the image) first")
-            session = self._session(token)
             if end and (question is None or not question.strip()):
-                self._drop(token)                # close(): nothing to run
+                if self.durable is None or not self.durable.holds(token):
+                    self.store.get(token)        # unknown: SessionError
+                self._drop(token)                # close(): nothing to run, nothing to restore
                 return self._closed_response(token)
             if image is not None:
                 raise SessionError("an image can only be sent with the first round (start); "
                                    "open a new session for a new image")
             if question is None:
                 raise QuestionError("the request has no question")
+            session = self._session(token)       # after the cheap checks: a restore encodes the image
             asked = round_number(inputs)
             try:
                 result = replay(session, asked, question) if asked is not None else None

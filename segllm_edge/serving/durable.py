@@ -45,6 +45,9 @@ class DurableConversations:
         have = self.store.rounds(state_key(token))
         return have is not None and have != len(session.rounds)
 
+    def holds(self, token: str) -> bool:
+        return self.store.rounds(state_key(token)) is not None
+
     def drop(self, token: str) -> None:
         self.store.delete(state_key(token))
 
