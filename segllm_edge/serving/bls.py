@@ -32,11 +32,12 @@ import numpy as np
 
 from ..contracts.export_folder import open_export
 from ..contracts.manifest import kv_names
-from ..contracts.serving import (IN_WANT_MASK_LOGITS, OUT_BOX, OUT_CONTEXT_TOKENS,
-                                 OUT_CONVERSATION, OUT_MASK, OUT_MASK_LOGITS, OUT_MEMORY, OUT_MODEL_BOX, OUT_MODEL_MASK,
-                                 OUT_NEW_TOKENS, OUT_QUERY_INDEX, OUT_ROUND, OUT_SCORE, OUT_TIMINGS, PARAM_CLIP_SIZE,
-                                 PARAM_EXPORT_DIR, PARAM_IDLE_TIMEOUT, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES,
-                                 PREPROCESS_MODEL, TIMINGS_CALLS)
+from ..contracts.serving import (IN_CONVERSATION, IN_END, IN_IMAGE, IN_QUESTION, IN_REFS, IN_START,
+                                 IN_WANT_MASK_LOGITS, OUT_BOX, OUT_CONTEXT_TOKENS, OUT_CONVERSATION, OUT_MASK,
+                                 OUT_MASK_LOGITS, OUT_MEMORY, OUT_MODEL_BOX, OUT_MODEL_MASK, OUT_NEW_TOKENS,
+                                 OUT_QUERY_INDEX, OUT_ROUND, OUT_SCORE, OUT_TIMINGS, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR,
+                                 PARAM_IDLE_TIMEOUT, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES, PREPROCESS_MODEL,
+                                 TIMINGS_CALLS)
 from ..errors import BackendError, ImageError, QuestionError, RoundReferenceError, SessionError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from ..runtime.kv_cache import HostKVCache
@@ -270,7 +271,7 @@ class ConversationService:
     def _question(inputs: dict) -> str | None:
         from ..limits import MAX_QUESTION_BYTES
 
-        q = _scalar_bytes(inputs.get("question"))
+        q = _scalar_bytes(inputs.get(IN_QUESTION))
         if q is None:
             return None
         if len(q) > MAX_QUESTION_BYTES:       # before decoding or tokenizing anything
@@ -281,7 +282,7 @@ class ConversationService:
     def _refs(inputs: dict) -> list[int] | None:
         from ..limits import MAX_REFS
 
-        a = inputs.get("refs")
+        a = inputs.get(IN_REFS)
         if a is None:
             return None
         a = np.asarray(a).reshape(-1)
@@ -293,12 +294,12 @@ class ConversationService:
         t_start = time.perf_counter()
         backend = self.backend
         backend.call_ms = {}
-        start, end = _flag(inputs.get("start")), _flag(inputs.get("end"))
-        token_b = _scalar_bytes(inputs.get("conversation"))
+        start, end = _flag(inputs.get(IN_START)), _flag(inputs.get(IN_END))
+        token_b = _scalar_bytes(inputs.get(IN_CONVERSATION))
         token = token_b.decode("ascii", "replace") if token_b else None
         question = self._question(inputs)
         refs = self._refs(inputs)
-        image = _scalar_bytes(inputs.get("image"))
+        image = _scalar_bytes(inputs.get(IN_IMAGE))
         if start:
             if token is not None:
                 raise SessionError("a START request must not name a conversation: the server assigns one")
