@@ -246,7 +246,7 @@ def step_bench(work: Path, layers: int = 32, rounds: int = 12, repeats: int = 2)
 
     report = B.run_benchmark(model, demo_image(), rounds=rounds, repeats=repeats, warmup=1)
     i = model.info
-    report.update(checkpoint_flags=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in sizes.items()),
+    report.update(machine=B.machine_info(), checkpoint_flags=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in sizes.items()),
                   build_s=built_s, load_s=load_s, backend="cuda", precision="bfloat16",
                   model_size={"hidden": i.hidden_size, "layers": i.num_layers, "clip_hidden": i.clip_hidden},
                   peak_gpu_bytes=torch.cuda.max_memory_allocated())

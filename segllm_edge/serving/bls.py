@@ -73,8 +73,6 @@ class TritonBlsBackend:
         g = self.manifest.graphs
         self._io = {n: ([t.name for t in s.inputs], [t.name for t in s.outputs], {t.name: np.dtype(t.dtype) for t in s.inputs})
                     for n, s in g.items()}
-        self.vision_outputs = self._io["vision_encoder"][1]
-        self.backbone_outputs = self._io["mask_backbone"][1]
         self.call_ms: dict[str, float] = {}    # time spent waiting on model calls (BLS overhead = rest)
 
     # -- helpers -------------------------------------------------------------------------------
