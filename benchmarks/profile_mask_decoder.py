@@ -44,7 +44,8 @@ def profile_openvino(path: Path, feeds: dict, threads: int, precision: str):
         t = time.perf_counter()
         req.infer(feeds)
         walls.append(time.perf_counter() - t)
-    rows = [(p.node_type, p.exec_type, p.node_name, p.real_time.total_seconds() * 1e3) for p in req.get_profiling_info()]
+    rows = [(p.node_type, p.exec_type, p.node_name, p.real_time.total_seconds() * 1e3)
+            for p in req.get_profiling_info()]
     return walls, rows
 
 

@@ -110,7 +110,8 @@ class OpenVinoBackend(OrtBackend):
         folder, manifest = export.folder, export.manifest
         threads = threads or os.cpu_count() or 1
         if hipie_precision != "fp32" and not cpu_has_bf16():
-            raise BackendError(f"hipie_precision={hipie_precision!r} needs a CPU with bf16 support (avx512_bf16 or AMX); "
+            raise BackendError(f"hipie_precision={hipie_precision!r} needs a CPU with bf16 support "
+                               "(avx512_bf16 or AMX); "
                                "OpenVINO reports none here: use 'fp32'")
         core = ov.Core()
         sessions, engines = {}, {}
@@ -130,7 +131,8 @@ class OpenVinoBackend(OrtBackend):
                 raise CheckpointError(f"graph {g.file} has inputs {got}, the manifest says {want}: re-export")
         backend = cls.from_sessions(export, sessions)
         backend.hipie_precision = hipie_precision
-        backend.precision = manifest.precision if hipie_precision == "fp32" else f"{manifest.precision}+hipie-{hipie_precision}"
+        backend.precision = (manifest.precision if hipie_precision == "fp32"
+                             else f"{manifest.precision}+hipie-{hipie_precision}")
         return backend
 
     def describe(self) -> str:
