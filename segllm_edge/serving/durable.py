@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from ..contracts.serving import IN_ROUND
 from ..errors import SessionError
 from ..runtime.session_state import restore_session, save_session
 from .state_store import StateStore, state_key
@@ -69,7 +70,7 @@ def replay(session, round_no: int, question: str):
 
 
 def round_number(inputs: dict) -> int | None:
-    a = inputs.get("round")
+    a = inputs.get(IN_ROUND)
     if a is None or np.asarray(a).size == 0:
         return None
     return int(np.asarray(a).reshape(-1)[0])
