@@ -334,7 +334,7 @@ def test_kill_9_between_rounds_then_restart_on_the_same_state_dir(golden_export,
             _same_remote(conv.ask(GOLDEN_QUESTIONS[i]), s_local.results[i])
         files = [p.name for p in state_dir.iterdir() if p.name.endswith(".state")]
         assert len(files) == 1 and conv.conversation not in files[0]        # keyed by a hash of the token
-        assert conv.results[-1].timings["state_bytes"] > 0
+        assert conv.results[-1].serving["state_bytes"] > 0 and "state_bytes" not in conv.results[-1].timings
         srv.kill_9_all()
         again = Serve(golden_export, tmp_path, "again", ["--state-dir", str(state_dir)], ports=srv.ports)
         r3 = conv.ask(GOLDEN_QUESTIONS[2])                                   # rides out the restart
@@ -365,7 +365,6 @@ def test_two_replicas_on_one_redis_share_a_conversation(golden_export, golden_im
         conv.client = cb                                   # what a load balancer without affinity does
         r3 = conv.ask(GOLDEN_QUESTIONS[2])
         _same_remote(r3, s_local.results[2])
-        assert r3.timings["bls_total"] > 0
         # back on the first, whose copy is at round 2: it reloads round 3 from Redis, and a repeated round-3
         # request (a client whose answer was lost) is answered from the stored state, not run again
         from segllm_edge.client import _bytes1

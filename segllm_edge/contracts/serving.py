@@ -50,7 +50,8 @@ OUTPUT_NAMES = tuple(t[0] for t in BLS_OUTPUTS)
 #: the outputs every response carries (mask_logits only when asked for)
 ALWAYS_OUTPUTS = tuple(n for n in OUTPUT_NAMES if n != OUT_MASK_LOGITS)
 #: keys of the ``timings`` JSON that are the serving layer's, not stages of the round (segllm_edge.runtime.profiler)
-SERVING_TIMINGS = ("bls_model_calls", "bls_total", "bls_overhead")
+SERVING_TIMINGS = ("bls_model_calls", "bls_total", "bls_overhead",
+                   "state_bytes", "state_save_ms", "state_write_ms")   # the durable state's write (serve --state-dir)
 TIMINGS_CALLS = "calls"      # ... and the per-model call times, a nested {model: ms}
 
 #: preprocess (and the encode_image ensemble): encoded image bytes in ...
