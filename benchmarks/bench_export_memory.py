@@ -34,23 +34,27 @@ def run_one(exe: str, checkpoint: Path, out: Path, precision: str, lock: str | N
     disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
     llm = sum(f.stat().st_size for f in out.glob("llm.onnx*")) if out.exists() else 0
     drift = (out / "drift_report.json")
-    guard = json.loads(drift.read_text()).get("guard", {}).get("passed") if drift.exists() else None
+    report = json.loads(drift.read_text()) if drift.exists() else {}
+    guard, phases = report.get("guard", {}).get("passed"), report.get("peak_rss_bytes", {})
     shutil.rmtree(out, ignore_errors=True)
     return {"precision": precision, "rc": p.returncode, "peak_rss": rss, "disk": disk, "llm_bytes": llm,
-            "wall": wall, "guard": guard, "command": " ".join(cmd)}
+            "wall": wall, "guard": guard, "phases": phases, "command": " ".join(cmd)}
 
 
 def table(rows: list[dict], layers: int, target_layers: int = 32) -> str:
     lines = [f"| precision | rc | peak RSS GiB | export on disk GiB | budget (1.5x disk + 1) GiB | within | "
-             f"LLM MiB/layer | {target_layers}-layer disk GiB | {target_layers}-layer budget GiB | wall |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"LLM MiB/layer | {target_layers}-layer disk GiB | {target_layers}-layer budget GiB | wall | "
+             "running peak after export / probe on export / fp32 reference, GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         budget = 1.5 * r["disk"] + GIB
         per_layer = r["llm_bytes"] / layers
         disk_t = r["disk"] + per_layer * (target_layers - layers)
         lines.append(f"| {r['precision']} | {r['rc']} | {r['peak_rss'] / GIB:.2f} | {r['disk'] / GIB:.2f} | "
                      f"{budget / GIB:.2f} | {'yes' if r['peak_rss'] <= budget else 'NO'} | {per_layer / 2**20:.0f} | "
-                     f"{disk_t / GIB:.2f} | {(1.5 * disk_t + GIB) / GIB:.2f} | {r['wall']} |")
+                     f"{disk_t / GIB:.2f} | {(1.5 * disk_t + GIB) / GIB:.2f} | {r['wall']} | "
+                     + " / ".join(f"{r['phases'][k] / GIB:.2f}" if r["phases"].get(k) else "-"
+                                  for k in ("export", "probe_on_export", "fp32_reference")) + " |")
     return "\n".join(lines)
 
 

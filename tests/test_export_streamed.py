@@ -120,10 +120,58 @@ def test_export_cli_exits_1_on_a_failed_guard_and_0_when_allowed(golden_ckpt, go
     assert not list(tmp_path.glob(".fp32-reference-*"))  # the temporary reference export is gone
 
 
-def test_tensorrt11_builds_a_bf16_export_strongly_typed(golden_export, lazy_golden, tmp_path, monkeypatch):
-    """A bf16 export's graph carries its types: TensorRT 11 (the stand-in) parses it as is, no precision flags;
-    an fp16 graph is refused for a bf16 engine."""
+@pytest.fixture(scope="module")
+def bf16_folder(golden_export, lazy_golden, tmp_path_factory):
+    """The golden export with its llm and seg_head graphs exported bf16 (streamed), the manifest retyped."""
     import os
+
+    from segllm_edge.export.quantize import _retype_kv
+
+    folder = tmp_path_factory.mktemp("bf16")
+    man = Manifest.load(golden_export)
+    for f in golden_export.iterdir():  # graphs linked; the manifest is written anew (a link would edit the fixture's)
+        if f.is_file() and f.name not in ("seg_head.onnx", "llm.onnx", "manifest.json"):
+            os.link(f, folder / f.name)
+    (folder / man.tokenizer_dir).symlink_to(golden_export / man.tokenizer_dir)
+    _retype_kv(man, "bfloat16")
+    man.precision = "bf16"
+    man.save(folder)
+    for name in ("seg_head", "llm"):
+        export_streamed_graph(lazy_golden, name, man.graphs[name], folder / f"{name}.onnx", "bf16")
+    return folder
+
+
+def test_bf16_export_runs_on_openvino_and_onnxruntime_cpu_says_it_cannot(bf16_folder, golden_export):
+    from segllm_edge.contracts.export_folder import open_export
+    from segllm_edge.errors import BackendError
+    from segllm_edge.runtime.openvino_backend import OpenVinoSession, require_openvino
+    from segllm_edge.runtime.ort_backend import OrtBackend
+
+    with pytest.raises(BackendError, match="bf16 export: onnxruntime's CPU provider has no bf16 kernels"):
+        OrtBackend.from_export(bf16_folder)
+    ov = require_openvino()
+    sess = OpenVinoSession(ov.Core(), bf16_folder / "llm.onnx", "f32", 2)
+    backend = OrtBackend(open_export(bf16_folder), None, {"llm": sess}, None)  # only the llm graph is needed
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1, 7, lazy_hidden(bf16_folder)), dtype=np.float32)
+    full = backend.llm(emb, None)
+    cache = backend.new_cache()
+    parts = [backend.llm(emb[:, :5], cache), backend.llm(emb[:, 5:], cache)]
+    assert cache.length == 7 and all(a.dtype.name == "bfloat16" for a in cache.arrays)
+    assert float(np.abs(np.concatenate(parts, 1) - full).max() / np.abs(full).max()) < 2e-2
+    spec = Manifest.load(golden_export).graphs["llm"]
+    empty = {t.name: np.zeros((1, *t.shape[1:2], 0, t.shape[3]), np.float32) for t in spec.inputs[1:]}
+    ref = ort.InferenceSession(str(golden_export / spec.file)).run(None, {"inputs_embeds": emb, **empty})[0]
+    assert float(np.abs(full - ref).max() / np.abs(ref).max()) < 5e-2  # bf16 weights and compute
+
+
+def lazy_hidden(folder):
+    return Manifest.load(folder).model["hidden_size"]
+
+
+def test_tensorrt11_builds_a_bf16_export_strongly_typed(bf16_folder, tmp_path, monkeypatch):
+    """A bf16 export's graph carries its types: TensorRT 11 (the stand-in) parses it as is, no precision flags;
+    a bf16 graph is refused for an fp16 engine."""
     import sys
 
     from segllm_edge.contracts import engines as C
@@ -131,24 +179,15 @@ def test_tensorrt11_builds_a_bf16_export_strongly_typed(golden_export, lazy_gold
     from segllm_edge.export.tensorrt import builder as B
     from test_tensorrt_generations import TRT11, fake_trt11
 
-    folder = tmp_path / "bf16"
-    folder.mkdir()
-    man = Manifest.load(golden_export)
-    for f in golden_export.iterdir():
-        if f.is_file() and f.name != "seg_head.onnx":
-            os.link(f, folder / f.name)
-    man.precision = "bf16"
-    man.save(folder)
-    export_streamed_graph(lazy_golden, "seg_head", man.graphs["seg_head"], folder / "seg_head.onnx", "bf16")
-    typed = onnx.load(str(folder / "seg_head.onnx"))
+    typed = onnx.load(str(bf16_folder / "seg_head.onnx"))
     assert {t.data_type for t in typed.graph.initializer if len(t.dims) >= 2} == {onnx.TensorProto.BFLOAT16}
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt11([]))
     monkeypatch.setattr(C, "current_device", lambda device_index=0: TRT11)
-    built = B.build_engines(folder, "bf16", out_dir=tmp_path / "engines", log=lambda *_: None,
+    built = B.build_engines(bf16_folder, "bf16", out_dir=tmp_path / "engines", log=lambda *_: None,
                             options=B.BuildOptions(graphs=("seg_head",)))
     blob = json.loads(built["seg_head"].read_bytes())
-    assert blob["onnx"] == str(folder / "seg_head.onnx") and blob["flags"] == []
+    assert blob["onnx"] == str(bf16_folder / "seg_head.onnx") and blob["flags"] == []
     assert C.read_sidecar(built["seg_head"])["typing"] == "strong"
     with pytest.raises(BackendError, match="needs a fp16 ONNX graph, and seg_head.onnx is bf16"):
-        B.build_engines(folder, "fp16", out_dir=tmp_path / "engines16", log=lambda *_: None,
+        B.build_engines(bf16_folder, "fp16", out_dir=tmp_path / "engines16", log=lambda *_: None,
                         options=B.BuildOptions(graphs=("seg_head",)))

@@ -15,13 +15,11 @@ from ..errors import CheckpointError
 from .graphs import GRAPH_MODULES, dynamic_shapes, example_inputs
 from ..contracts.manifest import Manifest, build_manifest
 from .hipie_fast import FAST_GRAPHS, HIPIE_GRAPH_VARIANT, fast_hipie
+from .streamed import DEFAULT_OPSET as OPSET, QUIET_LOGGERS
 
-OPSET = 18
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in a .onnx.data file
-# loggers whose warnings a user cannot act on: torch.onnx lists the torchvision ops it skips (segllm-edge uses none)
-QUIET_LOGGERS = ("onnxscript", "torch.onnx._internal.exporter._registration")
 
 
 #: files an export writes besides those its manifest lists
@@ -169,9 +167,12 @@ def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool =
     if precision != "fp32":
         from .reference import drift_against_fp32
 
-        drift_against_fp32(ckpt, out, manifest, drift_probe if drift_report else None,
-                           "switched off" if not drift_report else "no drift probe was given",
-                           allow_accuracy_drop=allow_accuracy_drop, progress=progress)
+        def fp32_reference(folder: Path) -> Manifest:
+            return export_model(ckpt, folder, "fp32", progress=progress, drift_report=False, fp32_graphs_from=out)
+
+        drift_against_fp32(out, manifest, drift_probe if drift_report else None,
+                           "switched off" if not drift_report else "no drift probe was given", fp32_reference,
+                           allow_accuracy_drop=allow_accuracy_drop)
     return manifest
 
 
@@ -202,7 +203,7 @@ def export_streamed_graph(loaded, name: str, spec, path: Path, precision: str) -
     """One CLIP/LLM/seg-head graph at ``precision``, weights streamed from the checkpoint; returns notes."""
     import onnx
 
-    from .streamed import save_streamed, trace_streamed, weight_bytes
+    from .streamed import OPSETS, release_memory, save_streamed, trace_streamed, weight_bytes
     from .weight_quant import quantize_weight_matmuls
 
     prog = trace_streamed(loaded.model, loaded.info, name, spec, loaded.weights, precision)
@@ -213,8 +214,10 @@ def export_streamed_graph(loaded, name: str, spec, path: Path, precision: str) -
     external = n_bytes > EXTERNAL_DATA_BYTES
     save_streamed(prog.model, path, external)
     del prog
+    release_memory()
     onnx.checker.check_model(str(path))
-    notes = {"exporter": f"torch.onnx dynamo (torch {torch.__version__}), weights streamed", "opset": OPSET,
+    notes = {"exporter": f"torch.onnx dynamo (torch {torch.__version__}), weights streamed",
+             "opset": OPSETS.get(precision, OPSET),
              "external_data": external, "weights_bytes": int(n_bytes), "precision": precision}
     if quantized:
         notes["quantized_matmuls"] = quantized

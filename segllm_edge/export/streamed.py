@@ -35,6 +35,7 @@ PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.
                     "int8": torch.float32, "int4": torch.float32}
 #: export precision → the numpy/manifest dtype name of the LLM's KV cache
 KV_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+# loggers whose warnings a user cannot act on: torch.onnx lists the torchvision ops it skips (segllm-edge uses none)
 QUIET_LOGGERS = ("onnxscript", "torch.onnx._internal.exporter._registration")
 #: ONNX opset per precision: bf16 Conv/LayerNormalization/... are typed only from opset 22 on
 OPSETS = {"bf16": 22}
@@ -69,16 +70,16 @@ def _ir_tensor(t: torch.Tensor, name: str):
     return ir.Tensor(t.numpy(), name=name)
 
 
-def _sources(gm: nn.Module, model: nn.Module, weights) -> dict:
-    """graph-module tensor name → a function returning the real tensor (read from the checkpoint for the
-    parameters left on the meta device, the live tensor for real buffers)."""
+def _sources(gm: nn.Module, model: nn.Module, weights, dtype: torch.dtype) -> dict:
+    """graph-module tensor name → a function returning the real tensor (read from the checkpoint in ``dtype`` for
+    the floating parameters left on the meta device, the live tensor for real buffers)."""
     keys = {id(t): k for k, t in chain(model.named_parameters(remove_duplicate=False),
                                        model.named_buffers(remove_duplicate=False))}
     out = {}
     for name, t in chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)):
         if t.is_meta:
             key = keys[id(t)]
-            out[name] = (lambda key=key, dtype=t.dtype: weights.get(key, dtype))
+            out[name] = (lambda key=key, dt=(dtype if t.is_floating_point() else t.dtype): weights.get(key, dt))
         else:
             out[name] = (lambda t=t: t)
     return out
@@ -127,8 +128,11 @@ def trace_streamed(model, info, name: str, spec, weights, precision: str, verbos
 
     dtype = PRECISION_DTYPES[precision]
     gm = GRAPH_MODULES[name](model).eval()
-    sources = _sources(gm, model, weights)
+    sources = _sources(gm, model, weights, dtype)
     traced = copy.deepcopy(gm).to("meta")  # real buffers are copied (small), then everything is meta
+    for p in traced.parameters():  # the parameters in the precision's dtype (buffers such as inv_freq keep theirs)
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
     if dtype != torch.float32:
         traced = CastIO(traced, dtype, kv_outputs=name == "llm")
         sources = {f"inner.{k}": v for k, v in sources.items()}
@@ -180,6 +184,18 @@ def save_streamed(model_ir, path: Path, external: bool) -> None:
     else:
         ir.save(model_ir, str(path))
     match_mode(path)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise, and it counts as resident)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def weight_bytes(model_ir) -> int:

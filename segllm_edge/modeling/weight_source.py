@@ -58,9 +58,12 @@ def _dtype(name: str) -> torch.dtype:
 
 @dataclass
 class WeightSource:
-    """module key → the checkpoint tensor holding it; :meth:`get` reads one tensor (a copy, in ``dtype``)."""
+    """module key → the checkpoint tensor holding it; :meth:`get` reads one tensor (a copy, in ``dtype``).
+
+    Each read opens the file and closes it again: safetensors maps the file, and the pages a mapping has touched
+    count in the process's resident set until it is unmapped (a 7B checkpoint read through one long-lived mapping
+    would end up resident in full)."""
     infos: dict[str, TensorInfo] = field(default_factory=dict)
-    _handles: dict = field(default_factory=dict, repr=False)
 
     def __contains__(self, module_key: str) -> bool:
         return module_key in self.infos
@@ -69,11 +72,6 @@ class WeightSource:
         from safetensors import safe_open
 
         info = self.infos[module_key]
-        h = self._handles.get(info.file)
-        if h is None:
-            h = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        t = h.get_tensor(info.key)
+        with safe_open(str(info.file), framework="pt") as h:
+            t = h.get_tensor(info.key).clone()  # a copy of its own: nothing keeps the mapping alive
         return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
-
-    def close(self) -> None:
-        self._handles.clear()

@@ -80,9 +80,18 @@ class OpenVinoSession:
         return [f"OpenVINO CPU {self.precision}"]
 
     def run(self, _output_names, feeds: dict) -> list[np.ndarray]:
-        self.request.infer(feeds)
+        self.request.infer({k: _tensor(v) for k, v in feeds.items()})
         # the request reuses its output buffers: copy before the next call overwrites them
         return [_array(self.request.get_output_tensor(i)) for i in range(len(self.compiled.outputs))]
+
+
+def _tensor(a: np.ndarray):
+    """A feed as OpenVINO takes it: bfloat16 arrays (ml_dtypes) as bf16 tensors, which OpenVINO would otherwise
+    read as float16 bits."""
+    if a.dtype.name != "bfloat16":
+        return a
+    ov = require_openvino()
+    return ov.Tensor(np.ascontiguousarray(a).view(np.uint16), a.shape, ov.Type.bf16)
 
 
 def _array(tensor) -> np.ndarray:
