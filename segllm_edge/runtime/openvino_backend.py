@@ -89,9 +89,28 @@ class OpenVinoSession:
         return [f"OpenVINO CPU {self.precision}"]
 
     def run(self, _output_names, feeds: dict) -> list[np.ndarray]:
-        self.request.infer(feeds)
+        self.request.infer({k: _tensor(v) for k, v in feeds.items()})
         # the request reuses its output buffers: copy before the next call overwrites them
-        return [np.array(self.request.get_output_tensor(i).data) for i in range(len(self.compiled.outputs))]
+        return [_array(self.request.get_output_tensor(i)) for i in range(len(self.compiled.outputs))]
+
+
+def _tensor(a: np.ndarray):
+    """A feed as OpenVINO takes it: bfloat16 arrays (ml_dtypes) as bf16 tensors, which OpenVINO would otherwise
+    read as float16 bits."""
+    if a.dtype.name != "bfloat16":
+        return a
+    ov = require_openvino()
+    return ov.Tensor(np.ascontiguousarray(a).view(np.uint16), a.shape, ov.Type.bf16)
+
+
+def _array(tensor) -> np.ndarray:
+    """An output tensor as numpy (a copy); bf16 outputs, which OpenVINO hands out as float16 bits, as bfloat16."""
+    a = np.array(tensor.data)
+    if tensor.element_type.get_type_name() == "bf16":
+        from ..contracts.precisions import numpy_dtype
+
+        a = a.view(np.uint16).view(numpy_dtype("bfloat16"))
+    return a
 
 
 class OpenVinoBackend(OrtBackend):
