@@ -7,12 +7,13 @@ Layers, each testable without Triton:
   Inside Triton ``call`` is :func:`pb_utils_caller` (``pb_utils.InferenceRequest(...).exec()``);
   in unit tests it is :class:`InProcessCaller`, which runs the same model classes in-process.
   Token embeddings are a table lookup done in the BLS process (the manifest's ``embed_tokens``
-  array, memory-mapped); the KV cache is a :class:`~segllm_edge.runtime.kv_cache.HostKVCache`
-  held in the BLS process and sent with every ``llm`` call (the llm model stays stateless, so
-  every conversation shares its instances).
+  array, memory-mapped). The ``llm`` and both CLIP graphs (:data:`~segllm_edge.contracts.serving.BLS_GRAPHS`)
+  run in the BLS process itself (:class:`~segllm_edge.serving.bls_graphs.BlsGraphs`): each
+  conversation's KV cache (a :class:`~segllm_edge.runtime.kv_cache.HostKVCache`) never crosses a
+  process boundary, and CLIP is held once; the other graphs are models called through ``call``.
 * :class:`BlsSession` is :class:`~segllm_edge.runtime.session.Session` with its image hook
-  (:meth:`~segllm_edge.runtime.session.Session.prepare_image`) replaced by one call to the ``encode_image`` ensemble (preprocess → vision_encoder +
-  mask_backbone) on the encoded image bytes.
+  (:meth:`~segllm_edge.runtime.session.Session.prepare_image`) replaced by one call to the ``encode_image``
+  ensemble (preprocess → mask_backbone) on the encoded image bytes, then CLIP in-process on its pixels.
 * :class:`ConversationService` holds the conversations: keyed by an unguessable token drawn at
   START (no Triton sequence batcher: capacity is the store's alone), expired after an idle
   timeout, capped at ``max_conversations``; ``handle(inputs, ctx)`` turns one request into one
@@ -32,9 +33,9 @@ import numpy as np
 
 from ..contracts.export_folder import open_export
 from ..contracts.manifest import kv_names
-from ..contracts.serving import (ENCODE_IMAGE, HIPIE_IMAGE, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR, PARAM_IDLE_TIMEOUT,
-                                 PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES, PIXEL_VALUES, PREPROCESS_MODEL,
-                                 PREPROCESS_PASSTHROUGH)
+from ..contracts.serving import (BLS_GRAPHS, ENCODE_IMAGE, ENCODE_IMAGE_PASSTHROUGH, HIPIE_IMAGE, PARAM_CLIP_SIZE,
+                                 PARAM_EXPORT_DIR, PARAM_IDLE_TIMEOUT, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES,
+                                 PARAM_THREADS, PIXEL_VALUES, PREPROCESS_MODEL)
 from ..errors import BackendError, ImageError, QuestionError, RoundReferenceError, SessionError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from ..runtime.kv_cache import HostKVCache
@@ -50,7 +51,9 @@ Caller = Callable[[str, Mapping[str, np.ndarray], Sequence[str]], dict]
 # the Backend over model calls
 # --------------------------------------------------------------------------------------------
 class TritonBlsBackend:
-    """Backend protocol on top of per-graph models reached through ``call``.
+    """Backend protocol on top of per-graph models reached through ``call``, with the graphs of
+    :data:`~segllm_edge.contracts.serving.BLS_GRAPHS` run in this process (``local``: a
+    :class:`~segllm_edge.serving.bls_graphs.BlsGraphs`, opened from the export unless given).
 
     Tensor names come from the export's manifest (never listed here); only the model names
     (= manifest graph names) and the ``encode_image`` ensemble's outputs are fixed.
@@ -58,8 +61,13 @@ class TritonBlsBackend:
 
     name = "triton-bls"
 
-    def __init__(self, export_dir: str | Path, call: Caller):
+    def __init__(self, export_dir: str | Path, call: Caller, local=None, threads: int | None = None):
         export = open_export(export_dir)
+        if local is None:
+            from .bls_graphs import BlsGraphs
+
+            local = BlsGraphs(export, threads)
+        self.local = local
         self.folder = export.folder
         self.manifest = export.manifest
         self.info = export.info
@@ -72,24 +80,30 @@ class TritonBlsBackend:
                     for n, s in g.items()}
         self.vision_outputs = self._io["vision_encoder"][1]
         self.backbone_outputs = self._io["mask_backbone"][1]
-        self.encode_image_outputs = [*self.vision_outputs, *self.backbone_outputs, *PREPROCESS_PASSTHROUGH]
-        self.call_ms: dict[str, float] = {}    # time spent waiting on model calls (BLS overhead = rest)
+        self.encode_image_outputs = [*self.backbone_outputs, *ENCODE_IMAGE_PASSTHROUGH]
+        self.call_ms: dict[str, float] = {}    # time spent waiting on model calls
+        self.local_ms: dict[str, float] = {}   # time spent running BLS_GRAPHS here (BLS overhead = the rest)
 
     # -- helpers -------------------------------------------------------------------------------
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         ins, outs, dts = self._io[graph]
         feeds = {k: np.ascontiguousarray(v, dtype=dts[k]) for k, v in feeds.items()}
         t0 = time.perf_counter()
+        if graph in self.local:
+            got = self.local.run(graph, feeds, outs)
+            self.local_ms[graph] = self.local_ms.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
+            return got
         got = self.call(graph, feeds, outs)
         self.call_ms[graph] = self.call_ms.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
         return [got[o] for o in outs]
 
-    # -- the stateless image step as one ensemble call -----------------------------------------
+    # -- the stateless image step as one ensemble call, then CLIP here -------------------------
     def encode_image_payload(self, payload: bytes) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         got = self.call(ENCODE_IMAGE, {"image": np.array([payload], dtype=np.object_)},
                         self.encode_image_outputs)
         self.call_ms[ENCODE_IMAGE] = self.call_ms.get(ENCODE_IMAGE, 0.0) + (time.perf_counter() - t0) * 1e3
+        got[self.vision_outputs[0]] = self.encode_image(got[PIXEL_VALUES])
         return got
 
     # -- Backend protocol ----------------------------------------------------------------------
@@ -308,7 +322,7 @@ class ConversationService:
     def handle(self, inputs: dict, ctx: RequestContext | None = None) -> dict:
         t_start = time.perf_counter()
         backend = self.backend
-        backend.call_ms = {}
+        backend.call_ms, backend.local_ms = {}, {}
         start, end = _flag(inputs.get("start")), _flag(inputs.get("end"))
         token_b = _scalar_bytes(inputs.get("conversation"))
         token = token_b.decode("ascii", "replace") if token_b else None
@@ -352,9 +366,11 @@ class ConversationService:
         total = (time.perf_counter() - t_start) * 1e3
         timings = dict(result.timings)
         timings["bls_model_calls"] = sum(backend.call_ms.values())
+        timings["bls_in_process"] = sum(backend.local_ms.values())
         timings["bls_total"] = total
-        timings["bls_overhead"] = max(0.0, total - timings["bls_model_calls"])
+        timings["bls_overhead"] = max(0.0, total - timings["bls_model_calls"] - timings["bls_in_process"])
         timings["calls"] = dict(backend.call_ms)
+        timings["in_process"] = dict(backend.local_ms)
         return {
             "mask": np.array([encode_mask_png(result.mask)], dtype=np.object_),
             "box": np.asarray(result.box, dtype=np.float32).reshape(4),
@@ -397,7 +413,8 @@ def pb_utils_caller(model: str, inputs: Mapping[str, np.ndarray], outputs: Seque
 
 class InProcessCaller:
     """Runs the repository's model classes in this process (tests, debugging): the same code paths
-    as Triton minus the transport.  ``encode_image`` is the ensemble's DAG done by hand."""
+    as Triton minus the transport.  ``encode_image`` is the ensemble's DAG done by hand. Like the
+    repository it has no model for :data:`~segllm_edge.contracts.serving.BLS_GRAPHS`."""
 
     def __init__(self, export_dir: str | Path, threads: int | None = None):
         from ..contracts.manifest import Manifest
@@ -408,6 +425,8 @@ class InProcessCaller:
         manifest = Manifest.load(folder)
         self.models: dict[str, PythonModel] = {}
         for name, g in manifest.graphs.items():
+            if name in BLS_GRAPHS:
+                continue
             m = OrtGraphModel()
             m.setup(graph_model_config_dict(g, folder / g.file, threads, int(manifest.model["max_context"])))
             self.models[name] = m
@@ -420,11 +439,9 @@ class InProcessCaller:
         ctx = RequestContext()
         if model == ENCODE_IMAGE:
             pre = self.models[PREPROCESS_MODEL].infer(dict(inputs), ctx)
-            vis_in = self.models["vision_encoder"].session.get_inputs()[0].name
             bb_in = self.models["mask_backbone"].session.get_inputs()[0].name
-            vis = self.models["vision_encoder"].infer({vis_in: pre[PIXEL_VALUES]}, ctx)
             bb = self.models["mask_backbone"].infer({bb_in: pre[HIPIE_IMAGE]}, ctx)
-            got = {**pre, **vis, **bb}
+            got = {**pre, **bb}
         else:
             got = self.models[model].infer(dict(inputs), ctx)
         return {o: got[o] for o in outputs}
@@ -434,9 +451,10 @@ class InProcessCaller:
 # the python-backend entry point
 # --------------------------------------------------------------------------------------------
 class SegLLMBlsModel(PythonModel):
-    """``segllm``: the BLS model (one instance: it holds the conversations). Parameters: ``segllm_export_dir``
-    (absolute or relative to the model folder), ``segllm_max_conversations``, ``segllm_idle_timeout_s``,
-    ``segllm_max_session_bytes`` (per-conversation memory budget; default :func:`default_session_bytes`)."""
+    """``segllm``: the BLS model (one instance: it holds the conversations, and runs the llm and CLIP itself).
+    Parameters: ``segllm_export_dir`` (absolute or relative to the model folder), ``segllm_max_conversations``,
+    ``segllm_idle_timeout_s``, ``segllm_max_session_bytes`` (per-conversation memory budget; default
+    :func:`default_session_bytes`), ``segllm_threads`` (onnxruntime threads of its graphs; default all cores)."""
 
     caller: Caller = staticmethod(pb_utils_caller)
 
@@ -446,10 +464,11 @@ class SegLLMBlsModel(PythonModel):
         idle = float(self.params.get(PARAM_IDLE_TIMEOUT) or 600)
         cap = int(self.params.get(PARAM_MAX_CONVERSATIONS) or 8)
         budget = int(self.params.get(PARAM_MAX_SESSION_BYTES) or 0) or None
+        threads = int(self.params.get(PARAM_THREADS) or 0) or None
         caller = self.caller
-        self.service = ConversationService(lambda: TritonBlsBackend(export_dir, caller), cap, idle,
+        self.service = ConversationService(lambda: TritonBlsBackend(export_dir, caller, threads=threads), cap, idle,
                                            max_session_bytes=budget)
-        self.service.backend  # load tokenizer/manifest now: fail at model load, not at the first request
+        self.service.backend  # load tokenizer, manifest and the in-process graphs now: fail at model load
 
     def infer(self, inputs: dict, ctx: RequestContext) -> dict:
         return self.service.handle(inputs, ctx)

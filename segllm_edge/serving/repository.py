@@ -2,8 +2,9 @@
 
 ``generate_repository(export_dir, out_repo, target="python"|"ngc")`` writes:
 
-* one model per manifest graph, named after the graph, with the manifest's tensor names/dtypes
-  (``str`` dimensions become ``-1``):
+* one model per manifest graph except those the BLS runs itself (``BLS_GRAPHS``: llm, vision_encoder,
+  mask_encoder), named after the graph, with the manifest's tensor names/dtypes (``str`` dimensions
+  become ``-1``):
 
   - ``target="python"``: a python-backend model (:class:`~segllm_edge.serving.models.OrtGraphModel`)
     running onnxruntime on the graph file *in the export folder* (absolute path parameter);
@@ -12,8 +13,9 @@
     engine exists at ``<export>/tensorrt/<graph>.plan`` -- same model and tensor names either way;
 
 * ``preprocess`` (python): encoded image bytes → CLIP pixels, HIPIE input, padded image, sizes;
-* ``encode_image`` (ensemble, stateless): preprocess → vision_encoder + mask_backbone;
-* ``segllm`` (python BLS, one instance): the round loop, one conversation per server-drawn token.
+* ``encode_image`` (ensemble, stateless): preprocess → mask_backbone (+ the CLIP pixels passed through);
+* ``segllm`` (python BLS, one instance): the round loop, one conversation per server-drawn token; it runs
+  the llm (KV caches in its own memory) and CLIP (held once for both CLIP graphs) itself.
 
 The python graph models check every request against the manifest's shapes with the symbolic
 axes bounded (:func:`segllm_edge.limits.graph_axis_limits`) before onnxruntime runs.
@@ -27,10 +29,11 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from ..contracts.serving import (BLS_INPUTS, BLS_MODEL, BLS_OUTPUTS, ENCODE_IMAGE as ENSEMBLE_MODEL, HIPIE_IMAGE,
+from ..contracts.serving import (BLS_GRAPHS, BLS_INPUTS, BLS_MODEL, BLS_OUTPUTS, ENCODE_IMAGE as ENSEMBLE_MODEL, HIPIE_IMAGE,
                                  IMAGE_BYTES, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR, PARAM_GRAPH_FILE, PARAM_IDLE_TIMEOUT,
                                  PARAM_AXES, PARAM_AXIS_LIMITS, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES,
-                                 PARAM_THREADS, PIXEL_VALUES, PREPROCESS_MODEL, PREPROCESS_PASSTHROUGH)
+                                 PARAM_THREADS, PIXEL_VALUES, PREPROCESS_MODEL, PREPROCESS_PASSTHROUGH,
+                                 ENCODE_IMAGE_PASSTHROUGH)
 from ..errors import CheckpointError
 from ..limits import graph_axis_limits
 from .pystub import PARAM_PYTHON, TensorSpec, triton_dtype, write_python_model
@@ -82,9 +85,9 @@ def _io_block(kind: str, specs: Sequence[TensorSpec]) -> str:
 
 
 def _ensemble_config(manifest) -> str:
-    vis, bb = manifest.graphs["vision_encoder"], manifest.graphs["mask_backbone"]
+    bb = manifest.graphs["mask_backbone"]
     pre_out = {t.name: t for t in _preprocess_outputs(manifest)}
-    outputs = [_spec(t) for t in (*vis.outputs, *bb.outputs)] + [pre_out[n] for n in PREPROCESS_PASSTHROUGH]
+    outputs = [_spec(t) for t in bb.outputs] + [pre_out[n] for n in ENCODE_IMAGE_PASSTHROUGH]
 
     def omap(names):
         return " ".join(f'output_map {{ key: "{n}" value: "{n}" }}' for n in names)
@@ -92,8 +95,6 @@ def _ensemble_config(manifest) -> str:
     steps = [
         f'{{ model_name: "{PREPROCESS_MODEL}" model_version: -1 input_map {{ key: "image" value: "image" }} '
         f'{omap(pre_out)} }}',
-        f'{{ model_name: "vision_encoder" model_version: -1 '
-        f'input_map {{ key: "{vis.inputs[0].name}" value: "{PIXEL_VALUES}" }} {omap(t.name for t in vis.outputs)} }}',
         f'{{ model_name: "mask_backbone" model_version: -1 '
         f'input_map {{ key: "{bb.inputs[0].name}" value: "{HIPIE_IMAGE}" }} {omap(t.name for t in bb.outputs)} }}',
     ]
@@ -185,6 +186,8 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
         common[PARAM_PYTHON] = ""   # the container's Python runs its own site-packages: no version pin
 
     for g in manifest.graphs.values():
+        if g.name in BLS_GRAPHS:
+            continue
         if target == "python":
             write_python_model(repo, g.name, f"{ENTRY}.models:OrtGraphModel",
                                [_spec(t) for t in g.inputs], [_spec(t) for t in g.outputs],
@@ -210,9 +213,15 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
         shutil.copytree(export / manifest.tokenizer_dir, dst / manifest.tokenizer_dir)
         for f in manifest.arrays.values():
             shutil.copyfile(export / f, dst / f)
+        for name in BLS_GRAPHS:   # the graphs the BLS runs itself
+            src = export / manifest.graphs[name].file
+            for s in (src, src.with_name(src.name + ".data")):
+                if s.is_file():
+                    os.symlink(s.resolve(), dst / s.name) if link_graphs else shutil.copyfile(s, dst / s.name)
         export_param = "1/export"
     write_bls_model(repo, export_param, max_conversations=max_conversations, idle_timeout_s=idle_timeout_s,
-                    instance_count=instance_count, sys_path=sys_path, extra_parameters=common)
+                    instance_count=instance_count, sys_path=sys_path,
+                    extra_parameters={**common, PARAM_THREADS: str(threads or 0)})
     return repo
 
 
