@@ -120,12 +120,20 @@ class TritonBlsBackend:
 
     def new_cache(self):
         dt = self._io["llm"][2][self._past[0]]
+        if getattr(self.local, "bind_kv", False):     # device buffers (IOBinding), see bls_graphs
+            return self.local.new_cache(self.info, dt)
         return HostKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dtype=dt)
 
     def llm(self, embeds, cache):
         keep = cache is not None
         if cache is None:
             cache = self.new_cache()
+        if getattr(self.local, "bind_kv", False):
+            ins, outs, dts = self._io["llm"]
+            t0 = time.perf_counter()
+            hidden = self.local.llm_bound(np.ascontiguousarray(embeds, dtype=dts[ins[0]]), cache, ins, outs)
+            self.local_ms["llm"] = self.local_ms.get("llm", 0.0) + (time.perf_counter() - t0) * 1e3
+            return hidden
         emb_name = self._io["llm"][0][0]
         feeds = {emb_name: embeds}
         feeds.update(zip(self._past, cache.arrays))

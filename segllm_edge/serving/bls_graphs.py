@@ -4,7 +4,9 @@
   as a Triton model, the whole cache went to the llm stub and back every round (at 7B in fp32 1 MiB
   per token: a 1,000-token conversation moved ~1 GiB each way per round, through ``/dev/shm``). Here
   the cache is a :class:`~segllm_edge.runtime.kv_cache.HostKVCache` whose arrays onnxruntime reads in
-  place (on a GPU: see docs/architecture.md, *Serving state*).
+  place on the CPU; on a GPU (or with ``bind_kv=True``) an
+  :class:`~segllm_edge.runtime.device_kv_cache.OrtValueKVCache` of device buffers bound with IOBinding,
+  so between rounds the cache stays in device memory.
 * ``vision_encoder`` + ``mask_encoder``: both hold the CLIP tower and ``mm_projector``; opened in
   one process with their identical initializers held once
   (:func:`~segllm_edge.runtime.shared_weights.open_sessions_sharing_weights`), CLIP is in memory once
@@ -42,14 +44,24 @@ class BlsGraphs:
 
     graphs = BLS_GRAPHS
 
-    def __init__(self, export: ExportFolder, threads: int | None = None, device: str = "auto"):
+    def __init__(self, export: ExportFolder, threads: int | None = None, device: str = "auto",
+                 bind_kv: bool | None = None):
         from ..runtime.shared_weights import open_sessions_sharing_weights
 
         self.providers = bls_providers(device)
+        first = self.providers[0]
+        on_cuda = (first[0] if isinstance(first, tuple) else first) == "CUDAExecutionProvider"
+        self.kv_device = ("cuda", int(dict(first[1]).get("device_id", 0)) if isinstance(first, tuple) else 0) \
+            if on_cuda else ("cpu", 0)
+        self.bind_kv = on_cuda if bind_kv is None else bool(bind_kv)   # KV cache as device OrtValues (IOBinding)
         threads = int(threads or os.cpu_count() or 1)
 
         def options():
-            return ortc.session_options(threads)
+            opts = ortc.session_options(threads)
+            # no CPU memory arena: the llm's outputs (each round's whole present KV) outlive the run as the
+            # conversations' caches; from an arena they would leave its high-water mark behind for good
+            opts.enable_cpu_mem_arena = False
+            return opts
 
         llm = {"llm": ortc.open_session(export.graph_path("llm"), options(), self.providers, "llm")}
         clip, self.shared = open_sessions_sharing_weights({g: export.graph_path(g) for g in CLIP_GRAPHS},
@@ -59,6 +71,25 @@ class BlsGraphs:
 
     def __contains__(self, graph: str) -> bool:
         return graph in self.sessions
+
+    def new_cache(self, info, dtype):
+        from ..runtime.device_kv_cache import OrtValueKVCache
+        from ..runtime.kv_cache import HostKVCache
+
+        if self.bind_kv:
+            return OrtValueKVCache(info.num_layers, info.num_kv_heads, info.head_dim, dtype, self.kv_device)
+        return HostKVCache(info.num_layers, info.num_kv_heads, info.head_dim, dtype=dtype)
+
+    def llm_bound(self, embeds: np.ndarray, cache, inputs: Sequence[str], outputs: Sequence[str]) -> np.ndarray:
+        """The llm on an :class:`OrtValueKVCache` (IOBinding): hidden states back, the cache grown in place."""
+        from ..runtime.device_kv_cache import run_llm_bound
+
+        t0 = time.perf_counter()
+        try:
+            return run_llm_bound(self.sessions["llm"], embeds, cache, inputs[0], list(inputs[1:]), outputs[0],
+                                 list(outputs[1:]))
+        finally:
+            self.run_ms["llm"] = self.run_ms.get("llm", 0.0) + (time.perf_counter() - t0) * 1e3
 
     def run(self, graph: str, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
         t0 = time.perf_counter()
