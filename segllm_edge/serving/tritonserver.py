@@ -548,24 +548,23 @@ class TritonServer:
         return out
 
 
-def _rss(pid: int) -> int:
+def _kib_line(path: str, key: str) -> int:
+    """Bytes of the ``key: N kB`` line of a /proc file (0 when the process is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def _rss(pid: int) -> int:
+    return _kib_line(f"/proc/{pid}/status", "VmRSS:")
 
 
 def _pss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _kib_line(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 def _stub_model(pid: int) -> str:
