@@ -56,12 +56,8 @@ class BlsGraphs:
         self.bind_kv = on_cuda if bind_kv is None else bool(bind_kv)   # KV cache as device OrtValues (IOBinding)
         threads = int(threads or os.cpu_count() or 1)
 
-        def options():
-            opts = ortc.session_options(threads)
-            # no CPU memory arena: the llm's outputs (each round's whole present KV) outlive the run as the
-            # conversations' caches; from an arena they would leave its high-water mark behind for good
-            opts.enable_cpu_mem_arena = False
-            return opts
+        def options():   # as load(export)'s onnxruntime backend opens them (the same results, bit for bit)
+            return ortc.session_options(threads)
 
         llm = {"llm": ortc.open_session(export.graph_path("llm"), options(), self.providers, "llm")}
         clip, self.shared = open_sessions_sharing_weights({g: export.graph_path(g) for g in CLIP_GRAPHS},
