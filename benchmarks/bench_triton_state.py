@@ -54,6 +54,21 @@ def _per_process(procs) -> str:
     return ", ".join(f"{p['model']} {p['pss'] / 2**20:.0f} MiB" for p in procs)
 
 
+def _arena_free_hipie(local, export: Path, threads) -> None:
+    """The in-process model's HIPIE sessions without onnxruntime's CPU arena (the mask decoder's grows by GBs
+    of activations; it is not what is measured here, and the server's need the room)."""
+    import onnxruntime as ort
+
+    for g in ("mask_backbone", "mask_decoder"):
+        o = ort.SessionOptions()
+        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        o.intra_op_num_threads = threads or os.cpu_count() or 1
+        o.enable_cpu_mem_arena = False
+        o.log_severity_level = 3
+        path = export / local.backend.manifest.graphs[g].file
+        local.backend.sessions[g] = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
 def _export_bytes(export: Path) -> int:
     return sum(p.stat().st_size for p in export.rglob("*") if p.is_file())
 
@@ -72,6 +87,10 @@ def main(argv=None) -> int:
     ap.add_argument("--long-tokens", type=int, default=1800, help="context of conversation B")
     ap.add_argument("--label", default="", help="name of the design measured (part of the result file name)")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads per model (default all cores)")
+    ap.add_argument("--phased", action="store_true",
+                    help="for a design whose server leaves no room for the in-process model beside it: the "
+                         "in-process rounds first, alone, then the server's (the Triton/in-process ratio is then not "
+                         "alternating; 300/1,800 on each side still is)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
 
@@ -98,6 +117,68 @@ def main(argv=None) -> int:
                        "kv_bytes_per_token": info.kv_bytes_per_token(4)}
     print(f"export {export}: {report['export_bytes'] / 2**30:.2f} GiB on disk; models {sorted(models)}", flush=True)
 
+    sides = ("triton", "local")
+    conv: dict = {}
+    context: dict = {}
+    rounds: dict[str, list] = {f"{s}_{c}": [] for s in sides for c in "AB"}
+    stages: dict[str, list] = {k: [] for k in rounds}
+    local = None
+
+    def ask(key, q):
+        t = time.perf_counter()
+        r = conv[key].ask(q)
+        wall = (time.perf_counter() - t) * 1e3
+        if key[0] == "local":
+            context[key[1]] = r.context_tokens
+            return wall - r.timings.get("mask_decoder", 0.0), r
+        return wall - r.timings.get("calls", {}).get("mask_decoder", 0.0), r
+
+    def open_local():
+        nonlocal local
+        t0 = time.perf_counter()
+        local = segllm_edge.load(export, backend="onnxruntime", threads=args.threads)
+        _arena_free_hipie(local, export, args.threads)
+        report["local_load_s"] = time.perf_counter() - t0
+        conv[("local", "A")], conv[("local", "B")] = local.session(GOLDEN_IMAGE), local.session(GOLDEN_IMAGE)
+
+    fills: list[str] = []
+
+    def grow(which):
+        """A to ~300 tokens, B to ~long-tokens (the same questions on every side; planned on the first call,
+        which includes the in-process side: its rounds report their context length)."""
+        t0 = time.perf_counter()
+        for side in which:
+            ask((side, "A"), FIRST)
+            ask((side, "B"), FIRST)
+        if not fills:
+            rest = args.long_tokens - context["B"] - 2 * 30
+            fills.extend(_filler(local.backend.tokenizer, n) for n in [min(1000, rest)] + ([rest - 1000] if rest > 1000 else []))
+        for q in fills:
+            for side in which:
+                ask((side, "B"), q)
+        report.setdefault("grow_s", []).append(time.perf_counter() - t0)
+        print(f"conversations grown in {report['grow_s'][-1]:.0f} s: A {context['A']} tokens, B {context['B']} tokens",
+              flush=True)
+
+    def measure(which):
+        for rep in range(args.reps):
+            for key in [(side, c) for side in which for c in "AB"]:
+                ms, r = ask(key, SHORT)
+                rounds[f"{key[0]}_{key[1]}"].append(ms)
+                stages[f"{key[0]}_{key[1]}"].append({k: v for k, v in r.timings.items() if not isinstance(v, str)})
+            print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in rounds.items() if v)
+                  + f" (A {context['A']}, B {context['B']} tokens)", flush=True)
+
+    local_state = {}
+    if args.phased:        # the in-process rounds first, alone; then the model is released for the server
+        open_local()
+        grow(("local",))
+        measure(("local",))
+        local_state = {c: conv.pop(("local", c)).state_bytes() for c in "AB"}
+        local = None
+        import gc
+
+        gc.collect()
     server = TritonServer(repo, log_path=tmp / "tritonserver.log", ready_timeout=900)
     server.start()
     try:
@@ -106,79 +187,41 @@ def main(argv=None) -> int:
         report["memory_ready"] = server.memory()
         report["processes_ready"] = server.process_memory()
         print(f"server ready in {report['server_ready_s']:.0f} s; PSS {report['memory_ready']['pss'] / 2**30:.2f} GiB "
-              f"({_per_process(report['processes_ready'])})",
-              flush=True)
-        t0 = time.perf_counter()
-        local = segllm_edge.load(export, backend="onnxruntime", threads=args.threads)
-        report["local_load_s"] = time.perf_counter() - t0
-        tok = local.backend.tokenizer
+              f"({_per_process(report['processes_ready'])})", flush=True)
         client = connect(server.grpc_url, timeout_s=3600)
-        conv = {("triton", "A"): client.session(image), ("triton", "B"): client.session(image),
-                ("local", "A"): local.session(GOLDEN_IMAGE), ("local", "B"): local.session(GOLDEN_IMAGE)}
-        context = {}
-
-        def ask(key, q):
-            t = time.perf_counter()
-            r = conv[key].ask(q)
-            wall = (time.perf_counter() - t) * 1e3
-            if key[0] == "local":
-                context[key[1]] = r.context_tokens
-                return wall - r.timings.get("mask_decoder", 0.0), r
-            return wall - r.timings.get("calls", {}).get("mask_decoder", 0.0), r
-
-        # grow: A to ~300 tokens, B to ~long-tokens (same questions over Triton and locally)
-        t0 = time.perf_counter()
-        for side in ("triton", "local"):
-            ask((side, "A"), FIRST)
-            ask((side, "B"), FIRST)
-        first_ctx = context["B"]
-        rest = args.long_tokens - first_ctx - 2 * 30
-        fills = [min(1000, rest)] + ([rest - 1000] if rest > 1000 else [])
-        for n in fills:
-            q = _filler(tok, n)
-            for side in ("triton", "local"):
-                ask((side, "B"), q)
-        report["grow_s"] = time.perf_counter() - t0
-        print(f"conversations grown in {report['grow_s']:.0f} s: A {context['A']} tokens, B {context['B']} tokens",
-              flush=True)
-
-        rounds: dict[str, list] = {f"{s}_{c}": [] for s in ("triton", "local") for c in "AB"}
-        stages: dict[str, list] = {k: [] for k in rounds}
-        for rep in range(args.reps):
-            for key in (("triton", "A"), ("triton", "B"), ("local", "A"), ("local", "B")):
-                ms, r = ask(key, SHORT)
-                rounds[f"{key[0]}_{key[1]}"].append(ms)
-                stages[f"{key[0]}_{key[1]}"].append({k: v for k, v in r.timings.items() if not isinstance(v, str)})
-            print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in rounds.items())
-                  + f" (A {context['A']}, B {context['B']} tokens)", flush=True)
-        med = {k: float(np.median(v)) for k, v in rounds.items()}
-        report["round_ms_outside_mask_decoder"] = rounds
-        report["round_ms_median"] = med
-        report["round_stage_ms"] = stages
-        report["context_tokens"] = dict(context)
-        report["ratios"] = {
-            "triton_over_local_at_long": med["triton_B"] / med["local_B"],
-            "triton_over_local_at_short": med["triton_A"] / med["local_A"],
-            "triton_long_over_short": med["triton_B"] / med["triton_A"],
-            "local_long_over_short": med["local_B"] / med["local_A"],
-        }
+        conv[("triton", "A")], conv[("triton", "B")] = client.session(image), client.session(image)
+        which = ("triton",) if args.phased else sides
+        if not args.phased:
+            open_local()
+        grow(which)
+        measure(which)
         time.sleep(2.0)
         report["memory_after"] = server.memory()
         report["processes_after"] = server.process_memory()
-        state = {c: conv[("local", c)].state_bytes() for c in "AB"}
-        report["conversation_state_bytes"] = state
-        total_state = sum(v for v in state.values() if v)
-        pss = report["memory_after"]["pss"]
-        report["pss_target_bytes"] = 1.2 * report["export_bytes"] + total_state
-        report["pss_over_export"] = pss / report["export_bytes"]
-        report["pss_within_target"] = pss <= report["pss_target_bytes"]
-        for key, s in conv.items():
-            if key[0] == "triton":
-                s.close()
+        if not args.phased:
+            local_state = {c: conv[("local", c)].state_bytes() for c in "AB"}
+        for key in [k for k in conv if k[0] == "triton"]:
+            conv.pop(key).close()
         client.close()
         report["server_log_errors"] = server.errors()[:5]
     finally:
         server.stop()
+    med = {k: float(np.median(v)) for k, v in rounds.items()}
+    report.update(phased=args.phased, round_ms_outside_mask_decoder=rounds, round_ms_median=med,
+                  round_stage_ms=stages, context_tokens=dict(context))
+    report["ratios"] = {
+        "triton_over_local_at_long": med["triton_B"] / med["local_B"],
+        "triton_over_local_at_short": med["triton_A"] / med["local_A"],
+        "triton_long_over_short": med["triton_B"] / med["triton_A"],
+        "local_long_over_short": med["local_B"] / med["local_A"],
+    }
+    state = local_state
+    report["conversation_state_bytes"] = state
+    total_state = sum(v for v in state.values() if v)
+    pss = report["memory_after"]["pss"]
+    report["pss_target_bytes"] = 1.2 * report["export_bytes"] + total_state
+    report["pss_over_export"] = pss / report["export_bytes"]
+    report["pss_within_target"] = pss <= report["pss_target_bytes"]
 
     r = report["ratios"]
     print(f"round outside the mask decoder (median of {args.reps}): Triton {med['triton_A']:.0f} ms at "
