@@ -25,10 +25,11 @@ GRAPHS = ("vision_encoder", "mask_encoder")
 
 
 def _pss() -> int:
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    import os
+
+    from segllm_edge.serving.tritonserver import _pss as pss_of
+
+    return pss_of(os.getpid())
 
 
 def _feeds(g: str):
