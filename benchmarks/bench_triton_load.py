@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                     with lock:
                         latencies.append(ms)
                         by_round[r.round].append(ms)
-                        for k, v in r.timings.items():
+                        for k, v in {**r.timings, **r.serving}.items():
                             if isinstance(v, (int, float)):
                                 stages.setdefault(k, []).append(float(v))
             except Exception as e:  # noqa: BLE001 - counted

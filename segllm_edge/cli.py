@@ -65,8 +65,10 @@ def main() -> None:
 @click.option("--clip-hidden", default=128, show_default=True, help="CLIP width (multiple of 64)")
 @click.option("--clip-layers", default=3, show_default=True, help="CLIP layers")
 @click.option("--shards", default=1, show_default=True, help="number of safetensors shards (>1 writes an index)")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="dtype of the safetensors (the released checkpoints are bf16)")
 @click.option("--force", is_flag=True, help="overwrite a non-empty folder")
-def make_tiny(out, hidden, layers, heads, intermediate, clip_hidden, clip_layers, shards, force):
+def make_tiny(out, hidden, layers, heads, intermediate, clip_hidden, clip_layers, shards, dtype, force):
     """Write a small random SegLLM checkpoint (released layout, full HIPIE-R50) to OUT."""
     _need_export_extra("make-tiny-checkpoint")
     from .tiny import TinySizes, make_tiny_checkpoint
@@ -75,7 +77,7 @@ def make_tiny(out, hidden, layers, heads, intermediate, clip_hidden, clip_layers
                       clip_hidden=clip_hidden, clip_layers=clip_layers, clip_intermediate=4 * clip_hidden)
     try:
         with _Step(f"writing tiny checkpoint to {out}"):
-            make_tiny_checkpoint(out, sizes, shards=shards, force=force)
+            make_tiny_checkpoint(out, sizes, shards=shards, force=force, dtype=dtype)
     except SegLLMError as exc:
         _fail(exc)
     click.echo(str(out))
@@ -327,14 +329,14 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
 
 
 def _register() -> None:
-    from .evaluation.cli import eval_command
+    from .evaluation.cli import convert_mrseg_command, eval_command
     from .export.cli import export_command
     from .export.tensorrt.cli import build_engines_command
     from .serving.cli import serve_command, triton_repo_command
     from .web.cli import web_command
 
     for cmd in (export_command, build_engines_command, triton_repo_command, serve_command, web_command,
-                eval_command):
+                eval_command, convert_mrseg_command):
         main.add_command(cmd)
 
 

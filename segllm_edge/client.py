@@ -22,7 +22,11 @@ import numpy as np
 
 from . import limits
 from .errors import BackendError, ImageError, SegLLMError, SessionError
-from .contracts.serving import OUTPUT_NAMES
+from .contracts.serving import (ALWAYS_OUTPUTS, IN_CONVERSATION, IN_END, IN_IMAGE, IN_QUESTION, IN_REFS, IN_START,
+                                IN_WANT_MASK_LOGITS, OUT_BOX, OUT_CONTEXT_TOKENS, OUT_CONVERSATION, OUT_MASK,
+                                OUT_MASK_LOGITS, OUT_MEMORY, OUT_MODEL_BOX, OUT_MODEL_MASK, OUT_NEW_TOKENS,
+                                OUT_QUERY_INDEX, OUT_ROUND, OUT_SCORE, OUT_TIMINGS, SERVING_TIMINGS, TIMINGS_CALLS,
+                                TIMINGS_IN_PROCESS)
 from .serving.wire import ERROR_CLASSES, decode_mask_png, parse_bracketed
 
 #: seconds a request may take before the client gives up (a HIPIE round on a CPU is seconds)
@@ -33,18 +37,60 @@ _LOST = ("must specify the start flag", "inference request for unknown sequence"
 
 @dataclass
 class RemoteRoundResult:
+    """A round answered by the server: the fields of :class:`~segllm_edge.runtime.results.RoundResult` (same
+    names, types and values as a local round of the same conversation; ``mask_logits`` only when asked for,
+    ``trace`` always None) plus ``serving``, the transport and BLS times."""
+
     round: int
     question: str
     refs: tuple[int, ...]
     mask: np.ndarray            # (H, W) bool at the original image size
     box: np.ndarray             # (4,) float32 xyxy, original image
+    model_mask: np.ndarray      # (1024, 1024) bool in the model's padded frame
     model_box: np.ndarray       # (4,) float32 xyxy, 1024 frame
+    mask_logits: np.ndarray | None   # (256, 256) float32, with ask(..., mask_logits=True); else None
     score: float
-    timings: dict = field(default_factory=dict)   # server per-stage ms + "client_round_trip"
+    query_index: int            # foreground query (0..99) that won
+    timings: dict = field(default_factory=dict)   # the server's ms per stage: the local stage names
+    new_tokens: int = 0         # tokens prefilled this round
+    context_tokens: int = 0     # conversation length after this round
+    memory: dict = field(default_factory=dict)    # bytes the server holds for the conversation (kv_cache, ...)
+    trace: dict | None = None   # never sent over the wire
+    serving: dict = field(default_factory=dict)   # ms: client_round_trip, transport, bls_total, ..., calls
 
     @property
     def empty(self) -> bool:
-        return not bool(self.mask.any())
+        return not bool(self.model_mask.any())
+
+    def overlay(self, image, color=None, alpha: float | None = None) -> np.ndarray:
+        """As :meth:`RoundResult.overlay <segllm_edge.runtime.results.RoundResult.overlay>`."""
+        from .drawing import FILL_ALPHA, draw_overlay, mark_of
+
+        return draw_overlay(image, [mark_of(self)], color=color, alpha=FILL_ALPHA if alpha is None else alpha)
+
+
+def round_result(get, text: str, refs: tuple[int, ...], rtt_ms: float = 0.0,
+                 want_logits: bool = False) -> RemoteRoundResult:
+    """A response → :class:`RemoteRoundResult`; ``get(name)`` gives a response tensor (``InferResult.as_numpy``,
+    or ``dict.get`` on what the BLS model returns)."""
+    def one(name):
+        return get(name).reshape(-1)[0]
+
+    timings = json.loads(one(OUT_TIMINGS) or b"{}")
+    serving = {k: timings.pop(k) for k in (*SERVING_TIMINGS, TIMINGS_CALLS, TIMINGS_IN_PROCESS) if k in timings}
+    serving["client_round_trip"] = rtt_ms
+    if "bls_total" in serving:
+        serving["transport"] = max(0.0, rtt_ms - serving["bls_total"])
+    logits = get(OUT_MASK_LOGITS) if want_logits else None
+    return RemoteRoundResult(
+        round=int(one(OUT_ROUND)), question=text, refs=refs, mask=decode_mask_png(one(OUT_MASK)),
+        box=get(OUT_BOX).reshape(-1).astype(np.float32),
+        model_mask=decode_mask_png(one(OUT_MODEL_MASK)),
+        model_box=get(OUT_MODEL_BOX).reshape(-1).astype(np.float32),
+        mask_logits=None if logits is None else np.asarray(logits, dtype=np.float32),
+        score=float(one(OUT_SCORE)), query_index=int(one(OUT_QUERY_INDEX)), timings=timings,
+        new_tokens=int(one(OUT_NEW_TOKENS)), context_tokens=int(one(OUT_CONTEXT_TOKENS)),
+        memory={k: int(v) for k, v in json.loads(one(OUT_MEMORY) or b"{}").items()}, serving=serving)
 
 
 def _image_bytes(image) -> bytes:
@@ -136,7 +182,7 @@ class SegLLMClient:
         self.close()
 
     # -- transport ------------------------------------------------------------------------------
-    def _infer(self, arrays: dict):
+    def _infer(self, arrays: dict, outputs=ALWAYS_OUTPUTS):
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
         g = self._grpc
@@ -145,7 +191,7 @@ class SegLLMClient:
             t = g.InferInput(name, list(a.shape), "BYTES" if a.dtype == np.object_ else np_to_triton_dtype(a.dtype))
             t.set_data_from_numpy(a)
             inputs.append(t)
-        outs = [g.InferRequestedOutput(n) for n in OUTPUT_NAMES]
+        outs = [g.InferRequestedOutput(n) for n in outputs]
         try:
             return self._client.infer(self.model, inputs, outputs=outs, headers=self.headers,
                                       client_timeout=self.timeout_s)
@@ -172,38 +218,35 @@ class RemoteSession:
     def started(self) -> bool:
         return self.conversation is not None
 
-    def ask(self, question: str, refs=None) -> RemoteRoundResult:
+    def ask(self, question: str, refs=None, mask_logits: bool = False) -> RemoteRoundResult:
+        """One round. ``mask_logits=True`` also brings the round's (256, 256) logits (256 KiB more)."""
         limits.check_question(question)               # the server checks again; fail here without a request
         refs = limits.check_refs(refs)
         from .pipeline.tokenizer import split_refs
 
         text, inline = split_refs(question)
-        arrays = {"question": _bytes1(question.encode("utf-8"))}
+        arrays = {IN_QUESTION: _bytes1(question.encode("utf-8"))}
         if refs:
-            arrays["refs"] = np.asarray([int(r) for r in refs], dtype=np.int32)
+            arrays[IN_REFS] = np.asarray([int(r) for r in refs], dtype=np.int32)
+        outputs = ALWAYS_OUTPUTS
+        if mask_logits:
+            arrays[IN_WANT_MASK_LOGITS] = np.array([True])
+            outputs = (*ALWAYS_OUTPUTS, OUT_MASK_LOGITS)
         with self._lock:
             if self.closed:
                 raise SessionError("this session is closed")
             if self.conversation is None:
-                arrays["start"] = np.array([True])
-                arrays["image"] = _bytes1(self.image)
+                arrays[IN_START] = np.array([True])
+                arrays[IN_IMAGE] = _bytes1(self.image)
             else:
-                arrays["conversation"] = _bytes1(self.conversation.encode())
+                arrays[IN_CONVERSATION] = _bytes1(self.conversation.encode())
             t0 = time.perf_counter()
-            r = self.client._infer(arrays)
+            r = self.client._infer(arrays, outputs)
             rtt = (time.perf_counter() - t0) * 1e3
             if self.conversation is None:
-                self.conversation = r.as_numpy("conversation").reshape(-1)[0].decode()
-            timings = json.loads(r.as_numpy("timings").reshape(-1)[0] or b"{}")
-            timings["client_round_trip"] = rtt
-            if "bls_total" in timings:
-                timings["transport"] = max(0.0, rtt - timings["bls_total"])
+                self.conversation = r.as_numpy(OUT_CONVERSATION).reshape(-1)[0].decode()
             merged = list(refs) + [x for x in inline if x not in refs]
-            res = RemoteRoundResult(
-                round=int(r.as_numpy("round").reshape(-1)[0]), question=text, refs=tuple(int(x) for x in merged),
-                mask=decode_mask_png(r.as_numpy("mask").reshape(-1)[0]),
-                box=r.as_numpy("box").reshape(-1).astype(np.float32), model_box=r.as_numpy("model_box").reshape(-1),
-                score=float(r.as_numpy("score").reshape(-1)[0]), timings=timings)
+            res = round_result(r.as_numpy, text, tuple(int(x) for x in merged), rtt, mask_logits)
             self.results.append(res)
             return res
 
@@ -212,7 +255,7 @@ class RemoteSession:
         with self._lock:
             if not self.closed and self.conversation is not None:
                 try:
-                    self.client._infer({"end": np.array([True]), "conversation": _bytes1(self.conversation.encode())})
+                    self.client._infer({IN_END: np.array([True]), IN_CONVERSATION: _bytes1(self.conversation.encode())})
                 except SegLLMError:
                     pass
             self.closed = True

@@ -22,6 +22,8 @@ import torch
 
 from .errors import CheckpointError
 
+#: ``make-tiny-checkpoint --dtype`` → the dtype of the floating tensors written (None: fp32 as drawn)
+CHECKPOINT_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 INIT_RULES = ("randn_over_sqrt_fanin", "one_plus_0.1randn", "one_plus_0.1rand", "0.1randn", "0.02randn")
 
 
@@ -55,12 +57,14 @@ def make_tensor(key: str, shape, rule: str | None = None) -> torch.Tensor:
     raise ValueError(f"unknown init rule {rule!r} for {key}")
 
 
-def tensors_from_entries(entries: list[dict]) -> dict[str, torch.Tensor]:
-    """``[{key, shape, init?, tied_to?}]`` → tensors (tied keys are copies of their source)."""
+def tensors_from_entries(entries: list[dict], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``[{key, shape, init?, tied_to?}]`` → tensors (tied keys are copies of their source), cast to ``dtype``
+    one by one when given (fp32 draws, so a bf16 checkpoint holds the fp32 one's values rounded)."""
     out: dict[str, torch.Tensor] = {}
     for e in sorted(entries, key=lambda e: e["key"]):
         if not e.get("tied_to"):
-            out[e["key"]] = make_tensor(e["key"], e["shape"], e.get("init"))
+            t = make_tensor(e["key"], e["shape"], e.get("init"))
+            out[e["key"]] = t.to(dtype) if dtype is not None else t
     for e in entries:
         if e.get("tied_to"):
             out[e["key"]] = out[e["tied_to"]].clone()
@@ -156,9 +160,12 @@ def _config(s: TinySizes, vocab: int) -> dict:
 
 
 def make_tiny_checkpoint(out: str | Path, sizes: TinySizes | None = None, shards: int = 1, force: bool = False,
-                         entries: list[dict] | None = None) -> Path:
+                         entries: list[dict] | None = None, dtype: str = "fp32") -> Path:
     """Write a tiny SegLLM checkpoint folder. ``entries`` (a key list with init rules) overrides the sizes,
-    e.g. to rebuild the reference-run fixture's weights exactly."""
+    e.g. to rebuild the reference-run fixture's weights exactly. ``dtype``: ``"fp32"``, or ``"bf16"`` /
+    ``"fp16"`` (safetensors in that dtype, as the released checkpoints are bf16)."""
+    if dtype not in CHECKPOINT_DTYPES:
+        raise CheckpointError(f"unknown checkpoint dtype {dtype!r}; choose one of {', '.join(CHECKPOINT_DTYPES)}")
     s = sizes or TinySizes()
     if s.hidden % s.heads:
         raise CheckpointError(f"hidden size {s.hidden} is not divisible by {s.heads} heads")
@@ -178,5 +185,5 @@ def make_tiny_checkpoint(out: str | Path, sizes: TinySizes | None = None, shards
     if entries is None:
         entries = _llm_clip_entries(s, vocab) + hipie_entries()
     (out / "config.json").write_text(json.dumps(_config(s, vocab), indent=2))
-    write_weights(tensors_from_entries(entries), out, shards=shards)
+    write_weights(tensors_from_entries(entries, CHECKPOINT_DTYPES[dtype]), out, shards=shards)
     return out

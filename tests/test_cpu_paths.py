@@ -12,11 +12,13 @@ pytest.importorskip("openvino")
 
 
 def _linked_copy(export, tmp_path):
-    """The shared export, file by file as symlinks, so a test can add its own cpu_guard.json."""
+    """The shared export, file by file as symlinks, so a test can add its own cpu_guard.json (the export's own
+    guard record, if any, is left out: writing through its link would change the shared export)."""
     out = tmp_path / "export"
     out.mkdir()
     for f in export.iterdir():
-        (out / f.name).symlink_to(f.resolve())
+        if f.name != C.GUARD_FILE:
+            (out / f.name).symlink_to(f.resolve())
     return out
 
 
@@ -88,3 +90,62 @@ def test_hipie_int8_quantizes_only_the_feed_forward(golden_export, tmp_path):
     assert C.default_cpu_path(export) == C.OV_FP32               # not a default without a passing guard
     model = segllm_edge.load(export, backend="onnxruntime", hipie_int8=True)
     assert model.backend.precision == "fp32+hipie-int8" and "precision=fp32+hipie-int8" in repr(model)
+
+
+def test_bf16_ffn_puts_only_the_feed_forward_matmuls_in_bf16(golden_export):
+    import openvino as ov
+
+    from segllm_edge.runtime.openvino_mixed import FFN_WEIGHT_SHAPES, read_ffn_bf16
+
+    if C.OV_BF16_FFN not in C.available_cpu_paths(golden_export):
+        pytest.skip("this CPU has no bf16")
+    model = read_ffn_bf16(ov.Core(), golden_export / "mask_decoder.onnx")
+    bf16 = [op for op in model.get_ordered_ops() if op.get_type_name() not in ("Convert", "Constant")
+            and any(op.get_output_element_type(i) == ov.Type.bf16 for i in range(op.get_output_size()))]
+    assert len(bf16) == 24 and {op.get_type_name() for op in bf16} == {"MatMul"}   # 12 layers x 2
+    weights = {tuple(op.input_value(1).get_partial_shape().to_shape()) for op in bf16}
+    assert weights <= FFN_WEIGHT_SHAPES, weights
+    f32_matmuls = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"
+                   and op.get_output_element_type(0) == ov.Type.f32]
+    assert f32_matmuls                                                   # sampling offsets, projections, heads
+
+
+def test_bf16_ffn_path_loads_and_is_not_a_default_without_its_guard(golden_export, tmp_path):
+    export = _linked_copy(golden_export, tmp_path)
+    if C.OV_BF16_FFN not in C.available_cpu_paths(export):
+        pytest.skip("this CPU has no bf16")
+    model = C.OV_BF16_FFN.load(export)
+    engines = json.loads(model.backend.describe())["engines"]
+    assert engines["mask_decoder"] == "OpenVINO CPU f32+ffn-bf16" and engines["mask_backbone"] == "OpenVINO CPU f32"
+    assert "precision=fp32+hipie-bf16-ffn" in repr(model)
+    assert C.default_cpu_path(export) == C.OV_FP32
+    record = {"mask_iou_per_round": [1.0, 0.995], "worst": 0.995, "passed": True, "cpu": C.cpu_name()}
+    (export / C.GUARD_FILE).write_text(json.dumps({"paths": {"openvino-bf16-ffn": record}}))
+    assert C.default_cpu_path(export) == C.OV_BF16_FFN
+
+
+def test_guard_counts_a_round_that_cannot_run_as_failed():
+    """A reduced precision whose round-1 mask comes out empty cannot answer a question referring to it: the
+    guard records IoU 0 for that round and the rest (and does not crash)."""
+    import numpy as np
+
+    from segllm_edge.errors import RoundReferenceError
+
+    class Conversation:               # stands in for a session whose reduced-precision round 1 came out empty
+        def __init__(self):
+            self.rounds = 0
+
+        def ask(self, question):
+            self.rounds += 1
+            if "[REF:" in question:
+                raise RoundReferenceError("round 1 produced an empty mask; there is nothing to refer to")
+            return type("R", (), {"model_mask": np.zeros((4, 4), bool)})()
+
+    class Model:
+        def session(self, image):
+            return Conversation()
+
+    got = C.conversation_masks(Model(), None, GOLDEN_QUESTIONS, strict=False)
+    assert got[0].shape == (4, 4) and got[1:] == [None, None]
+    with pytest.raises(RoundReferenceError):
+        C.conversation_masks(Model(), None, GOLDEN_QUESTIONS)

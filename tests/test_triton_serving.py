@@ -64,13 +64,24 @@ def reference(export_dir):
 
 @pytest.fixture(scope="module")
 def repo(export_dir, tmp_path_factory):
+    """A PORTABLE repository: generated from a copy of the export, which is then renamed away, and moved to
+    another folder before the server starts -- so every test of this module serves from a repository that
+    can reach nothing of where it was written."""
+    from segllm_edge.serving.model_config import place_tree
     from segllm_edge.serving.repository import generate_repository, write_bls_model
 
-    out = generate_repository(export_dir, tmp_path_factory.mktemp("repo") / "models", target="python",
+    work = tmp_path_factory.mktemp("portable")
+    place_tree(export_dir, work / "export")                    # hard links: no copy of the graphs on disk
+    out = generate_repository(work / "export", work / "written" / "models", target="python",
                               max_conversations=N_CONCURRENT, idle_timeout_s=600)
-    # a variant with a short idle timeout and room for one conversation (same graph models)
-    write_bls_model(out, str(export_dir), name="segllm_short", max_conversations=1, idle_timeout_s=IDLE_S)
-    return out
+    # a variant with a short idle timeout and room for one conversation (same graph models, same export)
+    write_bls_model(out, name="segllm_short", max_conversations=1, idle_timeout_s=IDLE_S)
+    (work / "export").rename(work / "export-gone")
+    moved = work / "elsewhere" / "models"
+    moved.parent.mkdir()
+    out.rename(moved)
+    (work / "written").rmdir()
+    return moved
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +143,22 @@ def test_repository_loaded(server, client):
     c.close()
 
 
+def test_served_configs_show_nothing_of_the_host(server, repo):
+    """/v2/models/*/config: no path of this machine (the repository, the export, site-packages, the venv)."""
+    import json
+    import sys
+    import urllib.request
+
+    host = [str(repo.parents[1]), sys.prefix, str(Path(__file__).resolve().parents[1])]
+    for cfg_path in sorted(repo.glob("*/config.pbtxt")):
+        model = cfg_path.parent.name
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/config", timeout=10) as r:
+            text = r.read().decode()
+        assert not [h for h in host if h in text], (model, text)
+        for key, value in json.loads(text).get("parameters", {}).items():
+            assert not value["string_value"].startswith("/"), (model, key, value)
+
+
 def _raw(server, model, **arrays):
     """One request as an outside client would send it (no package client in the way)."""
     import tritonclient.grpc as g
@@ -157,11 +184,32 @@ def _b(x: bytes):
     return np.array([x], dtype=np.object_)
 
 
+def _same_round_result(remote, local, logits: bool):
+    """A remote round carries every field of the local RoundResult, with the same values and stage names."""
+    from dataclasses import fields
+
+    from segllm_edge.client import RemoteRoundResult
+    from segllm_edge.runtime.results import RoundResult
+
+    assert {f.name for f in fields(RoundResult)} <= {f.name for f in fields(RemoteRoundResult)}
+    _same(remote, local)
+    assert remote.question == local.question and remote.refs == local.refs
+    assert np.array_equal(remote.model_mask, local.model_mask)
+    assert (remote.query_index, remote.new_tokens, remote.context_tokens) == (
+        local.query_index, local.new_tokens, local.context_tokens)
+    assert remote.memory == local.memory and remote.empty == local.empty and remote.trace is None
+    assert set(remote.timings) == set(local.timings)            # the same stage names, nothing else
+    if logits:
+        np.testing.assert_allclose(remote.mask_logits, local.mask_logits, atol=1e-4)
+    else:
+        assert remote.mask_logits is None
+
+
 def test_three_rounds_match_in_process_runtime_and_bad_reference(client, server, images, reference):
     local = reference(images["golden"], GOLDEN_QUESTIONS)
     with client.session(images["golden"]) as s:
-        r1 = s.ask(GOLDEN_QUESTIONS[0])
-        _same(r1, local[0])
+        r1 = s.ask(GOLDEN_QUESTIONS[0], mask_logits=True)
+        _same_round_result(r1, local[0], logits=True)
         with pytest.raises(RoundReferenceError, match=r"refers to round 5"):
             s.ask("Segment the thing.", refs=[5])
         # abuse (finding 1): a forged token, a start naming this conversation, a close with a wrong token,
@@ -180,20 +228,21 @@ def test_three_rounds_match_in_process_runtime_and_bad_reference(client, server,
             _raw(server, "segllm", question=_b(b"Segment the red circle."))
         r2 = s.ask(GOLDEN_QUESTIONS[1])          # still usable after the errors and the attacks
         r3 = s.ask(GOLDEN_QUESTIONS[2])
-    _same(r2, local[1])
-    _same(r3, local[2])
+    _same_round_result(r2, local[1], logits=False)
+    _same_round_result(r3, local[2], logits=False)
     for r in (r1, r2, r3):
-        t = r.timings
-        assert {"mask_decoder", "llm_prefill", "bls_total", "bls_overhead", "client_round_trip"} <= set(t)
-        assert t["client_round_trip"] >= t["bls_total"] > 0
+        t = r.serving
+        assert {"bls_total", "bls_overhead", "bls_model_calls", "client_round_trip", "transport"} <= set(t)
+        assert t["client_round_trip"] >= t["bls_total"] > 0 and "mask_decoder" in t["calls"]
         # the KV cache never crossed a process boundary: the llm ran in the BLS process, no model was called for it
         assert "llm" in t["in_process"] and "llm" not in t["calls"], t
-        assert set(t["calls"]) <= {"encode_image", "seg_head", "mask_decoder"}, t["calls"]
-    assert "vision_encoder" in r1.timings["in_process"] and "mask_encoder" in r2.timings["in_process"]
-    assert "encode_image" in r1.timings and "encode_image" not in r2.timings
+        assert set(t["calls"]) <= {"seg_head", "mask_backbone", "mask_decoder"}, t["calls"]
+    assert "vision_encoder" in r1.serving["in_process"] and "mask_encoder" in r2.serving["in_process"]
+    assert {"preprocess", "vision_encoder", "mask_backbone"} <= set(r1.timings)
+    assert "vision_encoder" not in r2.timings
     print(f"\nround timings over Triton (ms): " + "; ".join(
-        f"r{r.round}: total {r.timings['client_round_trip']:.0f}, decoder {r.timings['mask_decoder']:.0f}, "
-        f"BLS overhead {r.timings['bls_overhead']:.0f}" for r in (r1, r2, r3)))
+        f"r{r.round}: total {r.serving['client_round_trip']:.0f}, decoder {r.timings['mask_decoder']:.0f}, "
+        f"BLS overhead {r.serving['bls_overhead']:.0f}" for r in (r1, r2, r3)))
 
 
 def test_concurrent_conversations_match_run_alone(client, images, reference, kept):
@@ -367,6 +416,7 @@ def test_server_restart_loses_conversations_with_session_error(server, client, k
 # -- no server needed ----------------------------------------------------------------------------
 def test_generated_repository_follows_the_manifest(export_dir, tmp_path):
     from segllm_edge.contracts.manifest import Manifest
+    from segllm_edge.serving.model_config import portability_problems, read_config
     from segllm_edge.serving.repository import describe_repository, generate_repository
 
     m = Manifest.load(export_dir)
@@ -383,10 +433,13 @@ def test_generated_repository_follows_the_manifest(export_dir, tmp_path):
         if name in BLS_GRAPHS:
             continue
         assert kinds[name] == "python"
-        cfg = (py / name / "config.pbtxt").read_text()
-        for t in (*g.inputs, *g.outputs):
-            assert f'name: "{t.name}"' in cfg
-        assert str(Path(export_dir).resolve() / g.file) in cfg
+        cfg = read_config(py / name)                                   # Triton's own schema
+        assert [t.name for t in cfg.input] == [t.name for t in g.inputs]
+        assert [t.name for t in cfg.output] == [t.name for t in g.outputs]
+        graph = cfg.parameters["segllm_graph_file"].string_value
+        assert graph == f"../segllm/1/export/{g.file}" and (py / name / graph).is_file()
+        assert (py / name / graph).stat().st_ino == (Path(export_dir) / g.file).stat().st_ino   # hard link
+    assert portability_problems(py) == []
     with pytest.raises(FileExistsError):
         generate_repository(export_dir, py)
     generate_repository(export_dir, py, force=True)
@@ -408,10 +461,13 @@ def test_generated_repository_follows_the_manifest(export_dir, tmp_path):
             continue
         if name != "seg_head":
             assert kinds[name] == "onnxruntime_onnx" and (ngc / name / "1" / "model.onnx").is_file()
-        cfg = (ngc / name / "config.pbtxt").read_text()
-        assert all(f'name: "{t.name}"' in cfg for t in (*g.inputs, *g.outputs))
+        cfg = read_config(ngc / name)
+        assert [t.name for t in (*cfg.input, *cfg.output)] == [t.name for t in (*g.inputs, *g.outputs)]
+        (group,) = cfg.instance_group
+        assert group.kind == group.KIND_AUTO          # loads on a CPU-only server and on a GPU one
     assert kinds["segllm"] == "python" and (ngc / "segllm" / "1" / "export" / "manifest.json").is_file()
-    assert 'key: "segllm_sys_path" value: { string_value: "" }' in (ngc / "segllm" / "config.pbtxt").read_text()
+    assert "segllm_sys_path" not in read_config(ngc / "segllm").parameters
+    assert portability_problems(ngc) == []
 
 
 def test_conversation_store_cap_expiry_and_errors():

@@ -217,10 +217,14 @@ def test_missing_binary_is_a_clear_error(tmp_path, monkeypatch):
 def test_generated_model_config(tmp_path):
     folder = write_python_model(tmp_path, "m", "pkg.mod:Cls", [("A", "float32", [-1, 3])], [("B", "int64", [1])],
                                 max_sequence_idle_microseconds=IDLE_US, sys_path=["/x/site-packages"])
-    cfg = (folder / "config.pbtxt").read_text()
-    assert f"max_sequence_idle_microseconds: {IDLE_US}" in cfg
-    assert 'key: "segllm_sys_path" value: { string_value: "/x/site-packages" }' in cfg
-    assert 'key: "segllm_entrypoint" value: { string_value: "pkg.mod:Cls" }' in cfg
+    from segllm_edge.serving.model_config import read_config
+
+    cfg = read_config(folder)                      # Triton's own schema
+    assert cfg.sequence_batching.max_sequence_idle_microseconds == IDLE_US
+    assert cfg.parameters["segllm_sys_path"].string_value == "/x/site-packages"     # opt-in
+    assert cfg.parameters["segllm_entrypoint"].string_value == "pkg.mod:Cls"
+    plain = read_config(write_python_model(tmp_path, "p", "pkg.mod:Cls", [("A", "float32", [1])], [("B", "int64", [1])]))
+    assert set(plain.parameters) == {"segllm_entrypoint"}        # by default: no path of this machine
     assert (folder / "1" / "model.py").read_text() == pystub.MODEL_PY
     compile(pystub.MODEL_PY, "model.py", "exec")
 

@@ -16,26 +16,46 @@ PREPROCESS_MODEL = "preprocess"
 #: for them.
 BLS_GRAPHS = ("llm", "vision_encoder", "mask_encoder")
 
-#: the segllm BLS model's request tensors (no sequence batcher: a conversation is known by its token)
+# the segllm BLS model's request tensor names (clients and the BLS model use these, never the literals) ...
+IN_START, IN_END, IN_CONVERSATION, IN_IMAGE = "start", "end", "conversation", "image"
+IN_QUESTION, IN_REFS, IN_WANT_MASK_LOGITS = "question", "refs", "want_mask_logits"
+#: ... and the request tensors (no sequence batcher: a conversation is known by its token)
 BLS_INPUTS = (
-    ("start", "TYPE_BOOL", [1], True, False),             # first round: carries the image
-    ("end", "TYPE_BOOL", [1], True, False),               # last round / close
-    ("conversation", "TYPE_STRING", [1], True, False),    # the token a start's response returned
-    ("image", "TYPE_STRING", [1], True, False),           # encoded PNG/JPEG bytes, start only
-    ("question", "TYPE_STRING", [1], True, False),        # required except for a close
-    ("refs", "TYPE_INT32", [-1], True, False),            # round numbers, optional
+    (IN_START, "TYPE_BOOL", [1], True, False),             # first round: carries the image
+    (IN_END, "TYPE_BOOL", [1], True, False),               # last round / close
+    (IN_CONVERSATION, "TYPE_STRING", [1], True, False),    # the token a start's response returned
+    (IN_IMAGE, "TYPE_STRING", [1], True, False),           # encoded PNG/JPEG bytes, start only
+    (IN_QUESTION, "TYPE_STRING", [1], True, False),        # required except for a close
+    (IN_REFS, "TYPE_INT32", [-1], True, False),            # round numbers, optional
+    (IN_WANT_MASK_LOGITS, "TYPE_BOOL", [1], True, False),  # optional: also return the round's mask_logits
 )
+# the response tensor names: one per field of segllm_edge.runtime.results.RoundResult that crosses the wire
+OUT_MASK, OUT_BOX, OUT_MODEL_MASK, OUT_MODEL_BOX, OUT_SCORE = "mask", "box", "model_mask", "model_box", "score"
+OUT_ROUND, OUT_QUERY_INDEX, OUT_NEW_TOKENS, OUT_CONTEXT_TOKENS = "round", "query_index", "new_tokens", "context_tokens"
+OUT_MEMORY, OUT_TIMINGS, OUT_CONVERSATION, OUT_MASK_LOGITS = "memory", "timings", "conversation", "mask_logits"
 #: the segllm BLS model's response tensors, in order
 BLS_OUTPUTS = (
-    ("mask", "TYPE_STRING", [1], False, False),           # PNG (1-bit) of the original-size mask
-    ("box", "TYPE_FP32", [4], False, False),
-    ("model_box", "TYPE_FP32", [4], False, False),
-    ("score", "TYPE_FP32", [1], False, False),
-    ("round", "TYPE_INT32", [1], False, False),
-    ("timings", "TYPE_STRING", [1], False, False),        # JSON: per-stage ms, BLS overhead
-    ("conversation", "TYPE_STRING", [1], False, False),   # the conversation's token (drawn at start)
+    (OUT_MASK, "TYPE_STRING", [1], False, False),           # PNG (1-bit) of the original-size mask
+    (OUT_BOX, "TYPE_FP32", [4], False, False),
+    (OUT_MODEL_MASK, "TYPE_STRING", [1], False, False),     # PNG (1-bit) of the 1024x1024 mask in the model's frame
+    (OUT_MODEL_BOX, "TYPE_FP32", [4], False, False),
+    (OUT_SCORE, "TYPE_FP32", [1], False, False),
+    (OUT_ROUND, "TYPE_INT32", [1], False, False),
+    (OUT_QUERY_INDEX, "TYPE_INT32", [1], False, False),     # the foreground query that won
+    (OUT_NEW_TOKENS, "TYPE_INT32", [1], False, False),      # tokens prefilled this round
+    (OUT_CONTEXT_TOKENS, "TYPE_INT32", [1], False, False),  # conversation length after this round
+    (OUT_MEMORY, "TYPE_STRING", [1], False, False),         # JSON: bytes held (kv_cache, session_state)
+    (OUT_TIMINGS, "TYPE_STRING", [1], False, False),        # JSON: per-stage ms (the local stage names) + serving
+    (OUT_CONVERSATION, "TYPE_STRING", [1], False, False),   # the conversation's token (drawn at start)
+    (OUT_MASK_LOGITS, "TYPE_FP32", [-1, -1], False, False), # (256, 256) logits; only with want_mask_logits
 )
 OUTPUT_NAMES = tuple(t[0] for t in BLS_OUTPUTS)
+#: the outputs every response carries (mask_logits only when asked for)
+ALWAYS_OUTPUTS = tuple(n for n in OUTPUT_NAMES if n != OUT_MASK_LOGITS)
+#: keys of the ``timings`` JSON that are the serving layer's, not stages of the round (segllm_edge.runtime.profiler)
+SERVING_TIMINGS = ("bls_model_calls", "bls_in_process", "bls_total", "bls_overhead")
+TIMINGS_CALLS = "calls"      # ... and the per-model call times, a nested {model: ms}
+TIMINGS_IN_PROCESS = "in_process"   # ... and the BLS_GRAPHS' times in the BLS process, a nested {graph: ms}
 
 #: preprocess (and the encode_image ensemble): encoded image bytes in ...
 IMAGE_BYTES = ("image", "TYPE_STRING", [1])

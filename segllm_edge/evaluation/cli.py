@@ -65,3 +65,31 @@ def _label(path: Path) -> str:
         if prec and prec not in path.name:
             return f"{path.name}-{prec}"
     return path.name
+
+
+@click.command("convert-mrseg")
+@click.argument("conversations", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--instances", "instances", multiple=True, required=True, metavar="DATASET=PATH",
+              help="COCO-format instances file of a dataset the MASK-DECODE targets name, e.g. "
+                   "refcoco=annotations_folder/refcoco/instances.json (repeatable)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="the multi-round JSON `segllm-edge eval --data` reads")
+def convert_mrseg_command(conversations, instances, out):
+    """Convert the SegLLM research code's MRSeg CONVERSATIONS file (LLaVA-style turns with [MASK-DECODE:...]
+    targets) to the multi-round format of `segllm-edge eval`; bad conversations are reported by name and skipped."""
+    from .mrseg import convert_mrseg
+
+    files = {}
+    for spec in instances:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{spec!r}: expected DATASET=PATH", param_hint="--instances")
+        files[name] = Path(path)
+    try:
+        items, problems = convert_mrseg(conversations, files, out)
+    except SegLLMError as exc:
+        raise click.ClickException(str(exc))
+    for name, reason in problems:
+        click.echo(f"bad conversation: {reason}", err=True)
+    click.echo(f"{len(items)} conversation(s), {sum(len(i['rounds']) for i in items)} round(s) written to {out}"
+               + (f"; {len(problems)} skipped" if problems else ""))

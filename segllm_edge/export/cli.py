@@ -39,7 +39,7 @@ def export_command(checkpoint, out, precision, force, no_drift_report, allow_acc
 
     try:
         manifest = export_model(checkpoint, out, precision=precision, force=force, drift_report=not no_drift_report,
-                                drift_probe=segllm_edge.drift_probe(), allow_accuracy_drop=allow_accuracy_drop)
+                                drift_probe=_probe(segllm_edge, precision), allow_accuracy_drop=allow_accuracy_drop)
     except SegLLMError as exc:
         raise click.ClickException(str(exc))
     for name, size in graph_sizes(out, manifest).items():
@@ -48,3 +48,13 @@ def export_command(checkpoint, out, precision, force, no_drift_report, allow_acc
     if drift.exists():
         click.echo(format_drift(json.loads(drift.read_text())))
     click.echo(f"export written to {out} (precision {manifest.precision})")
+
+
+def _probe(segllm_edge, precision: str):
+    """The drift probe: on OpenVINO for bf16 (onnxruntime's CPU provider has no bf16 kernels) when it is installed;
+    without it the bf16 drift report says the export could not run here."""
+    import importlib.util
+
+    if precision == "bf16" and importlib.util.find_spec("openvino") is not None:
+        return segllm_edge.drift_probe(backend="openvino")
+    return segllm_edge.drift_probe()

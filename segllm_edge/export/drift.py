@@ -117,6 +117,7 @@ def format_drift(report: dict) -> str:
         lines.append(f"  accuracy guard (mask IoU >= {g['min_mask_iou']}): {verdict}")
     sizes = report["size_bytes"]
     fp32, q = sizes["fp32"], sizes[report["precision"]]
-    for name in fp32:
-        lines.append(f"  {name}: {fp32[name] / 1e6:.1f} MB → {q[name] / 1e6:.1f} MB")
+    for name in q:
+        was = f"{fp32[name] / 1e6:.1f} MB → " if name in fp32 else ""
+        lines.append(f"  {name}: {was}{q[name] / 1e6:.1f} MB")
     return "\n".join(lines)

@@ -15,13 +15,11 @@ from ..errors import CheckpointError
 from .graphs import GRAPH_MODULES, dynamic_shapes, example_inputs
 from ..contracts.manifest import Manifest, build_manifest
 from .hipie_fast import FAST_GRAPHS, HIPIE_GRAPH_VARIANT, fast_hipie
+from .streamed import DEFAULT_OPSET as OPSET, QUIET_LOGGERS
 
-OPSET = 18
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in a .onnx.data file
-# loggers whose warnings a user cannot act on: torch.onnx lists the torchvision ops it skips (segllm-edge uses none)
-QUIET_LOGGERS = ("onnxscript", "torch.onnx._internal.exporter._registration")
 
 
 #: files an export writes besides those its manifest lists
@@ -106,45 +104,121 @@ def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False
 
 
 def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool = False, progress: bool = True,
-                 drift_report: bool = True, drift_probe=None, allow_accuracy_drop: bool = False) -> Manifest:
+                 drift_report: bool = True, drift_probe=None, allow_accuracy_drop: bool = False,
+                 fp32_graphs_from: Path | None = None) -> Manifest:
     """Write every graph, the manifest, the tokenizer and the token embedding table into ``out_dir``.
 
-    Reduced precisions are converted from the fp32 graphs (:func:`.quantize.quantize_export`); the drift report
-    runs ``drift_probe`` (a :class:`.drift.DriftProbe`; ``segllm_edge.drift_probe()`` is the demo conversation)
-    and a failing accuracy guard raises AccuracyGuardError unless ``allow_accuracy_drop``."""
+    The CLIP, LLM and seg-head graphs are exported directly at ``precision`` with their weights streamed from the
+    checkpoint one tensor at a time (:mod:`.streamed`: the model is never resident, in fp32 or otherwise); the
+    HIPIE graphs are fp32. A reduced precision's drift report (:mod:`.reference`) runs ``drift_probe`` (a
+    :class:`.drift.DriftProbe`; ``segllm_edge.drift_probe()`` is the demo conversation) on the export, then on an
+    fp32 reference export streamed to a temporary folder (never both resident); a failing accuracy guard raises
+    AccuracyGuardError unless ``allow_accuracy_drop``. ``fp32_graphs_from``: an export of the same checkpoint; its
+    graphs that are fp32 there and here (HIPIE always; CLIP and the seg head for int8/int4) are hard-linked instead of
+    exported again."""
     from ..modeling.loader import load_checkpoint
     from ..contracts.precisions import EXPORT_PRECISIONS as PRECISIONS
+    from .streamed import KV_DTYPES, PRECISION_DTYPES, STREAMED_GRAPHS
 
     if precision not in PRECISIONS:
         raise CheckpointError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
     prepare_out_dir(out, ckpt, force, remove=False)   # the cheap refusals, before loading anything
-    loaded = load_checkpoint(ckpt)  # CheckpointError with its own message if it doesn't load
+    loaded = load_checkpoint(ckpt, dtype=PRECISION_DTYPES[precision], lazy=True)  # headers only (+ HIPIE)
     prepare_out_dir(out, ckpt, force)
     model, info = loaded.model, loaded.info
     manifest = build_manifest(info, precision="fp32")
+    if precision in KV_DTYPES:
+        from .quantize import _retype_kv
+
+        _retype_kv(manifest, KV_DTYPES[precision])
     from tqdm import tqdm
 
+    reusable = fp32_in_both(fp32_graphs_from, precision) if fp32_graphs_from is not None else set()
     notes = {}
     for name, spec in tqdm(manifest.graphs.items(), desc="exporting graphs", unit="graph", disable=not progress):
-        notes[name] = export_graph(model, info, name, spec, out / spec.file)
-    np.save(out / manifest.arrays["embed_tokens"], model.llm.model.embed_tokens.weight.detach().float().numpy())
+        if name in reusable:
+            notes[name] = link_graph(Path(fp32_graphs_from), out, spec.file)
+        elif name in STREAMED_GRAPHS:
+            notes[name] = export_streamed_graph(loaded, name, spec, out / spec.file, precision)
+        else:
+            notes[name] = export_graph(model, info, name, spec, out / spec.file)
+    np.save(out / manifest.arrays["embed_tokens"],
+            loaded.weights.get("llm.model.embed_tokens.weight", torch.float32).numpy())
     tok = out / manifest.tokenizer_dir
     tok.mkdir(exist_ok=True)
     for f in TOKENIZER_FILES:
         if (ckpt / f).exists():
             shutil.copyfile(ckpt / f, tok / f)
     shutil.copyfile(ckpt / "config.json", out / "config.json")
+    manifest.precision = precision
     manifest.extra["graphs"] = notes
     manifest.extra["source_checkpoint"] = str(ckpt.resolve())
+    if precision != "fp32":
+        from .quantize import converted_graphs
+
+        manifest.extra["quantized_graphs"] = converted_graphs(precision)
+        manifest.extra["kv_cache_dtype"] = manifest.graphs["llm"].inputs[1].dtype
     manifest.save(out)
-    del model, loaded  # the torch model is not needed past here: free it before the conversion and drift report
+    del model, loaded
     import gc
 
     gc.collect()
     if precision != "fp32":
-        from .quantize import quantize_export
+        from .reference import drift_against_fp32
 
-        manifest = quantize_export(out, precision, drift_probe=drift_probe, drift_report=drift_report,
-                                   allow_accuracy_drop=allow_accuracy_drop, progress=progress)
+        def fp32_reference(folder: Path) -> Manifest:
+            return export_model(ckpt, folder, "fp32", progress=progress, drift_report=False, fp32_graphs_from=out)
+
+        drift_against_fp32(out, manifest, drift_probe if drift_report else None,
+                           "switched off" if not drift_report else "no drift probe was given", fp32_reference,
+                           allow_accuracy_drop=allow_accuracy_drop)
     return manifest
+
+
+def fp32_in_both(other: Path, precision: str) -> set[str]:
+    """The graphs that are fp32 both in the export ``other`` and in an export at ``precision``."""
+    from .quantize import converted_graphs
+
+    def fp32(p: str) -> set[str]:
+        return set(GRAPH_MODULES) - (set(converted_graphs(p)) if p != "fp32" else set())
+
+    return fp32(Manifest.load(other).precision) & fp32(precision)
+
+
+def link_graph(src: Path, out: Path, file: str) -> dict:
+    """Hard-link (copy across file systems) an fp32 graph, with its external data, from another export."""
+    import os
+
+    for f in (file, file + ".data"):
+        if (src / f).exists():
+            try:
+                os.link(src / f, out / f)
+            except OSError:
+                shutil.copyfile(src / f, out / f)
+    return dict(Manifest.load(src).extra.get("graphs", {}).get(Path(file).stem, {}), linked_from=str(src))
+
+
+def export_streamed_graph(loaded, name: str, spec, path: Path, precision: str) -> dict:
+    """One CLIP/LLM/seg-head graph at ``precision``, weights streamed from the checkpoint; returns notes."""
+    import onnx
+
+    from .streamed import OPSETS, release_memory, save_streamed, trace_streamed, weight_bytes
+    from .weight_quant import quantize_weight_matmuls
+
+    prog = trace_streamed(loaded.model, loaded.info, name, spec, loaded.weights, precision)
+    quantized = 0
+    if name == "llm" and precision in ("int8", "int4"):
+        quantized = quantize_weight_matmuls(prog.model.graph, precision)
+    n_bytes = weight_bytes(prog.model)
+    external = n_bytes > EXTERNAL_DATA_BYTES
+    save_streamed(prog.model, path, external)
+    del prog
+    release_memory()
+    onnx.checker.check_model(str(path))
+    notes = {"exporter": f"torch.onnx dynamo (torch {torch.__version__}), weights streamed",
+             "opset": OPSETS.get(precision, OPSET),
+             "external_data": external, "weights_bytes": int(n_bytes), "precision": precision}
+    if quantized:
+        notes["quantized_matmuls"] = quantized
+    return notes

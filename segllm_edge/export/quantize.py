@@ -89,6 +89,11 @@ def _retype_kv(manifest: Manifest, dtype: str) -> None:
     manifest.graphs["llm"] = replace(g, inputs=re(g.inputs), outputs=re(g.outputs))
 
 
+def converted_graphs(precision: str) -> list[str]:
+    """The graphs a reduced precision changes (the others stay fp32)."""
+    return list(FP16_GRAPHS) if precision in ("fp16", "bf16") else ["llm"]
+
+
 def _conversions(precision: str) -> dict:
     if precision == "fp16":
         return {name: (_fp16_llm if name == "llm" else to_fp16) for name in FP16_GRAPHS}
@@ -108,6 +113,9 @@ def quantize_export(export_dir, precision: str, drift_probe: DriftProbe | None =
         raise CheckpointError(f"{folder} is already {manifest.precision}; quantize from an fp32 export")
     if precision not in PRECISIONS:
         raise CheckpointError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        raise CheckpointError("bf16 is exported directly from the checkpoint (`segllm-edge export --precision bf16`), "
+                              "not converted from an fp32 export")
     probe = drift_probe if drift_report else None
     sizes_fp32 = graph_sizes(folder, manifest)
     ref = run_probe(probe, folder) if probe is not None else None

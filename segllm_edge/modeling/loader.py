@@ -19,6 +19,7 @@ from ..contracts.model_info import ModelInfo
 from .segllm import SegLLMModel
 from ..pipeline.tokenizer import SegLLMTokenizer
 from .vision import clip_config_from_weights
+from .weight_source import WeightSource, read_tensor_infos
 
 CLIP_PREFIX = "model.vision_tower.vision_tower.vision_model."
 HIPIE_PREFIX = "model.segmentator.hipie."
@@ -48,6 +49,7 @@ class LoadedCheckpoint:
     info: ModelInfo
     config: dict
     ignored_keys: list[str]
+    weights: WeightSource | None = None  # lazy=True: where the parameters left on the meta device are read from
 
 
 def _hipie_ignored(key: str, use_stored_gammas: bool) -> bool:
@@ -81,12 +83,14 @@ def _fmt(keys: list[str], n: int = 12) -> str:
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, use_stored_gammas: bool = False,
-                    attn_implementation: str = "sdpa") -> LoadedCheckpoint:
+                    attn_implementation: str = "sdpa", lazy: bool = False) -> LoadedCheckpoint:
+    """``lazy``: read only the safetensors headers; every parameter except HIPIE's stays on the meta device (in
+    ``dtype``, no memory) and ``LoadedCheckpoint.weights`` reads it on demand (the streaming exporter)."""
     folder = Path(path)
     cfg = ckpt.read_config(folder)
     ckpt.check_tokenizer_files(folder)
     files = ckpt.weight_files(folder)
-    state = ckpt.read_state_dict(files)
+    state = read_tensor_infos(files) if lazy else ckpt.read_state_dict(files)
 
     clip_cfg = clip_config_from_weights(state, CLIP_PREFIX)
     if cfg.get("mm_hidden_size") not in (None, clip_cfg.hidden_size):
@@ -116,6 +120,13 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, use_st
     if bad_shapes:
         raise CheckpointError(f"checkpoint {folder} has {len(bad_shapes)} tensor(s) of the wrong shape: " + "; ".join(bad_shapes[:8]))
 
+    weights = None
+    if lazy:  # HIPIE (fixed size, ~0.2 GB) is read for real, everything else stays meta
+        every = WeightSource(dict(renamed))
+        weights = WeightSource({k: v for k, v in renamed.items() if not k.startswith("hipie.")})
+        for k, v in renamed.items():
+            renamed[k] = (every.get(k) if k.startswith("hipie.") else
+                          torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype, device="meta"))
     for k, v in renamed.items():  # HIPIE stays float32 (the research code runs it in fp32)
         if v.is_floating_point():
             renamed[k] = v.to(torch.float32 if k.startswith("hipie.") else dtype)
@@ -143,7 +154,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, use_st
     )
     if tokenizer.vocab_size > lcfg.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the LLM embeds only {lcfg.vocab_size}")
-    return LoadedCheckpoint(model=model, tokenizer=tokenizer, info=info, config=cfg, ignored_keys=sorted(ignored))
+    return LoadedCheckpoint(model=model, tokenizer=tokenizer, info=info, config=cfg, ignored_keys=sorted(ignored),
+                            weights=weights)
 
 
 def _materialise_buffers(model: torch.nn.Module) -> None:

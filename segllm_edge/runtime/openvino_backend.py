@@ -6,8 +6,11 @@ defaults to bf16 on CPUs that have it; this backend always sets the inference pr
 
 * ``hipie_precision="fp32"`` (default): ``f32`` for every graph — parity with onnxruntime / PyTorch;
 * ``hipie_precision="bf16"``: the two HIPIE graphs (``mask_backbone``, ``mask_decoder``) in ``bf16`` (faster on
-  CPUs with avx512_bf16 / AMX), the other graphs ``f32``. Check its accuracy with
-  :func:`segllm_edge.runtime.cpu_paths.accuracy_guard` before using it.
+  CPUs with avx512_bf16 / AMX), the other graphs ``f32``;
+* ``hipie_precision="bf16-ffn"``: only the mask decoder's feed-forward MatMuls in bf16, every other node of every
+  graph f32 (:mod:`.openvino_mixed`).
+
+Check a reduced precision's accuracy with :func:`segllm_edge.runtime.cpu_paths.accuracy_guard` before using it.
 
 A graph OpenVINO cannot compile (e.g. onnxruntime-only quantized ops) runs on onnxruntime instead; ``describe()``
 says which engine runs each graph.
@@ -26,7 +29,8 @@ from ..errors import BackendError, CheckpointError
 from .ort_backend import OrtBackend
 
 HIPIE_GRAPHS = ("mask_backbone", "mask_decoder")
-HIPIE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+HIPIE_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "bf16-ffn": "f32"}  # → the HIPIE graphs' precision hint
+FFN_BF16_GRAPHS = ("mask_decoder",)   # graphs whose feed-forward MatMuls hipie_precision="bf16-ffn" makes bf16
 OPENVINO_INSTALL_HINT = "OpenVINO is not installed: `pip install 'segllm-edge[openvino]'`"
 
 
@@ -64,13 +68,18 @@ class _Input:
 class OpenVinoSession:
     """One compiled graph behind onnxruntime's ``InferenceSession`` calls used by :class:`OrtBackend`."""
 
-    def __init__(self, core, path: Path, precision: str, threads: int):
-        model = core.read_model(str(path))
+    def __init__(self, core, path: Path, precision: str, threads: int, ffn_bf16: bool = False):
+        if ffn_bf16:
+            from .openvino_mixed import read_ffn_bf16
+
+            model = read_ffn_bf16(core, path)
+        else:
+            model = core.read_model(str(path))
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": int(threads)}
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.precision = precision
+        self.precision = precision + ("+ffn-bf16" if ffn_bf16 else "")
         self._inputs = [_Input(p.get_any_name()) for p in self.compiled.inputs]
 
     def get_inputs(self):
@@ -80,9 +89,28 @@ class OpenVinoSession:
         return [f"OpenVINO CPU {self.precision}"]
 
     def run(self, _output_names, feeds: dict) -> list[np.ndarray]:
-        self.request.infer(feeds)
+        self.request.infer({k: _tensor(v) for k, v in feeds.items()})
         # the request reuses its output buffers: copy before the next call overwrites them
-        return [np.array(self.request.get_output_tensor(i).data) for i in range(len(self.compiled.outputs))]
+        return [_array(self.request.get_output_tensor(i)) for i in range(len(self.compiled.outputs))]
+
+
+def _tensor(a: np.ndarray):
+    """A feed as OpenVINO takes it: bfloat16 arrays (ml_dtypes) as bf16 tensors, which OpenVINO would otherwise
+    read as float16 bits."""
+    if a.dtype.name != "bfloat16":
+        return a
+    ov = require_openvino()
+    return ov.Tensor(np.ascontiguousarray(a).view(np.uint16), a.shape, ov.Type.bf16)
+
+
+def _array(tensor) -> np.ndarray:
+    """An output tensor as numpy (a copy); bf16 outputs, which OpenVINO hands out as float16 bits, as bfloat16."""
+    a = np.array(tensor.data)
+    if tensor.element_type.get_type_name() == "bf16":
+        from ..contracts.precisions import numpy_dtype
+
+        a = a.view(np.uint16).view(numpy_dtype("bfloat16"))
+    return a
 
 
 class OpenVinoBackend(OrtBackend):
@@ -100,15 +128,17 @@ class OpenVinoBackend(OrtBackend):
         export = open_export(Path(path))
         folder, manifest = export.folder, export.manifest
         threads = threads or os.cpu_count() or 1
-        if hipie_precision == "bf16" and not cpu_has_bf16():
-            raise BackendError("hipie_precision='bf16' needs a CPU with bf16 support (avx512_bf16 or AMX); "
+        if hipie_precision != "fp32" and not cpu_has_bf16():
+            raise BackendError(f"hipie_precision={hipie_precision!r} needs a CPU with bf16 support "
+                               "(avx512_bf16 or AMX); "
                                "OpenVINO reports none here: use 'fp32'")
         core = ov.Core()
         sessions, engines = {}, {}
         for name, g in manifest.graphs.items():
             prec = HIPIE_PRECISIONS[hipie_precision] if name in HIPIE_GRAPHS else "f32"
             try:
-                sessions[name] = OpenVinoSession(core, folder / g.file, prec, threads)
+                sessions[name] = OpenVinoSession(core, folder / g.file, prec, threads,
+                                                 ffn_bf16=hipie_precision == "bf16-ffn" and name in FFN_BF16_GRAPHS)
             except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
                 if not (folder / g.file).is_file():
                     raise CheckpointError(f"cannot load graph {name}: {folder / g.file} is missing") from None
@@ -120,7 +150,8 @@ class OpenVinoBackend(OrtBackend):
                 raise CheckpointError(f"graph {g.file} has inputs {got}, the manifest says {want}: re-export")
         backend = cls.from_sessions(export, sessions)
         backend.hipie_precision = hipie_precision
-        backend.precision = manifest.precision if hipie_precision == "fp32" else f"{manifest.precision}+hipie-bf16"
+        backend.precision = (manifest.precision if hipie_precision == "fp32"
+                             else f"{manifest.precision}+hipie-{hipie_precision}")
         return backend
 
     def describe(self) -> str:

@@ -9,7 +9,8 @@ import numpy as np
 from ..contracts.export_folder import ExportFolder, open_export
 from ..contracts.manifest import kv_names
 from ..contracts import ort as ortc
-from ..errors import CheckpointError
+from ..contracts.precisions import numpy_dtype
+from ..errors import BackendError, CheckpointError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from .kv_cache import HostKVCache
 from .shared_weights import CLIP_GRAPHS, open_sessions_sharing_weights
@@ -28,7 +29,7 @@ class OrtBackend:
         self.sessions = sessions
         self.embed = embed
         self._past, self._present = kv_names(self.info.num_layers)
-        self._dtypes = {name: {t.name: np.dtype(t.dtype) for t in g.inputs} for name, g in self.manifest.graphs.items()}
+        self._dtypes = {name: {t.name: numpy_dtype(t.dtype) for t in g.inputs} for name, g in self.manifest.graphs.items()}
         self._decoder_outputs = [t.name for t in self.manifest.graphs["mask_decoder"].outputs]
 
     @classmethod
@@ -41,6 +42,11 @@ class OrtBackend:
         ortc.require_onnxruntime()
         export = open_export(Path(path))
         provs = ortc.check_providers(providers) if providers is not None else ortc.providers_for(device)
+        if export.manifest.precision == "bf16" and all(
+                (p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in provs):
+            raise BackendError(f"{export.folder} is a bf16 export: onnxruntime's CPU provider has no bf16 kernels "
+                               "(Conv, MatMul, Mul); run it with backend='openvino' (bf16 on the CPU), on CUDA, "
+                               "or export fp16/fp32 for onnxruntime on the CPU")
         opts = ortc.session_options(threads, session_options)
         files = {name: export.graph_path(name) for name in export.manifest.graphs}
         if hipie_int8:

@@ -180,8 +180,8 @@ class Session:
         """Preprocess this session's image and encode it (image tokens, HIPIE backbone features).
 
         The hook the round loop calls once per image (every round with ``reuse=False``); a subclass that
-        gets the encoded image from elsewhere (the Triton BLS model: from the ``encode_image`` ensemble)
-        overrides this one method and returns an :class:`ImageState` with ``image_tokens`` and ``features`` set.
+        gets the encoded image from elsewhere overrides this one method and returns an :class:`ImageState`
+        with ``image_tokens`` and ``features`` set (its stages then differ from a local round's).
         """
         with t.stage("preprocess"):
             clip_pixels = clip_preprocess(self.rgb, self.backend.info.clip_image_size)[None]

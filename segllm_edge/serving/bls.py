@@ -9,11 +9,11 @@ Layers, each testable without Triton:
   Token embeddings are a table lookup done in the BLS process (the manifest's ``embed_tokens``
   array, memory-mapped). The ``llm`` and both CLIP graphs (:data:`~segllm_edge.contracts.serving.BLS_GRAPHS`)
   run in the BLS process itself (:class:`~segllm_edge.serving.bls_graphs.BlsGraphs`): each
-  conversation's KV cache (a :class:`~segllm_edge.runtime.kv_cache.HostKVCache`) never crosses a
-  process boundary, and CLIP is held once; the other graphs are models called through ``call``.
-* :class:`BlsSession` is :class:`~segllm_edge.runtime.session.Session` with its image hook
-  (:meth:`~segllm_edge.runtime.session.Session.prepare_image`) replaced by one call to the ``encode_image``
-  ensemble (preprocess → mask_backbone) on the encoded image bytes, then CLIP in-process on its pixels.
+  conversation's KV cache never crosses a process boundary, and CLIP is held once; the other
+  graphs are models called through ``call``.
+* :class:`BlsSession` is :class:`~segllm_edge.runtime.session.Session` on the encoded image bytes, with the
+  Session's own stages (so a remote round reports the local stage names). The ``encode_image`` ensemble
+  stays in the repository for clients that want image features alone.
 * :class:`ConversationService` holds the conversations: keyed by an unguessable token drawn at
   START (no Triton sequence batcher: capacity is the store's alone), expired after an idle
   timeout, capped at ``max_conversations``; ``handle(inputs, ctx)`` turns one request into one
@@ -33,13 +33,16 @@ import numpy as np
 
 from ..contracts.export_folder import open_export
 from ..contracts.manifest import kv_names
-from ..contracts.serving import (BLS_GRAPHS, ENCODE_IMAGE, ENCODE_IMAGE_PASSTHROUGH, HIPIE_IMAGE, PARAM_CLIP_SIZE,
-                                 PARAM_EXPORT_DIR, PARAM_IDLE_TIMEOUT, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES,
-                                 PARAM_THREADS, PIXEL_VALUES, PREPROCESS_MODEL)
+from ..contracts.serving import (BLS_GRAPHS, PARAM_THREADS, TIMINGS_IN_PROCESS, IN_CONVERSATION, IN_END, IN_IMAGE, IN_QUESTION, IN_REFS, IN_START,
+                                 IN_WANT_MASK_LOGITS, OUT_BOX, OUT_CONTEXT_TOKENS, OUT_CONVERSATION, OUT_MASK,
+                                 OUT_MASK_LOGITS, OUT_MEMORY, OUT_MODEL_BOX, OUT_MODEL_MASK, OUT_NEW_TOKENS,
+                                 OUT_QUERY_INDEX, OUT_ROUND, OUT_SCORE, OUT_TIMINGS, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR,
+                                 PARAM_IDLE_TIMEOUT, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES, PREPROCESS_MODEL,
+                                 TIMINGS_CALLS)
 from ..errors import BackendError, ImageError, QuestionError, RoundReferenceError, SessionError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from ..runtime.kv_cache import HostKVCache
-from ..runtime.session import ImageState, Session
+from ..runtime.session import Session
 from .models import decode_image_bytes, resolve_model_path
 from .pystub import PythonModel, RequestContext
 from .wire import ERROR_CLASSES, bracketed, encode_mask_png, parse_bracketed
@@ -56,7 +59,7 @@ class TritonBlsBackend:
     :class:`~segllm_edge.serving.bls_graphs.BlsGraphs`, opened from the export unless given).
 
     Tensor names come from the export's manifest (never listed here); only the model names
-    (= manifest graph names) and the ``encode_image`` ensemble's outputs are fixed.
+    (= manifest graph names) are fixed.
     """
 
     name = "triton-bls"
@@ -78,9 +81,6 @@ class TritonBlsBackend:
         g = self.manifest.graphs
         self._io = {n: ([t.name for t in s.inputs], [t.name for t in s.outputs], {t.name: np.dtype(t.dtype) for t in s.inputs})
                     for n, s in g.items()}
-        self.vision_outputs = self._io["vision_encoder"][1]
-        self.backbone_outputs = self._io["mask_backbone"][1]
-        self.encode_image_outputs = [*self.backbone_outputs, *ENCODE_IMAGE_PASSTHROUGH]
         self.call_ms: dict[str, float] = {}    # time spent waiting on model calls
         self.local_ms: dict[str, float] = {}   # time spent running BLS_GRAPHS here (BLS overhead = the rest)
 
@@ -96,15 +96,6 @@ class TritonBlsBackend:
         got = self.call(graph, feeds, outs)
         self.call_ms[graph] = self.call_ms.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
         return [got[o] for o in outs]
-
-    # -- the stateless image step as one ensemble call, then CLIP here -------------------------
-    def encode_image_payload(self, payload: bytes) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
-        got = self.call(ENCODE_IMAGE, {"image": np.array([payload], dtype=np.object_)},
-                        self.encode_image_outputs)
-        self.call_ms[ENCODE_IMAGE] = self.call_ms.get(ENCODE_IMAGE, 0.0) + (time.perf_counter() - t0) * 1e3
-        got[self.vision_outputs[0]] = self.encode_image(got[PIXEL_VALUES])
-        return got
 
     # -- Backend protocol ----------------------------------------------------------------------
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
@@ -163,24 +154,15 @@ class TritonBlsBackend:
 
 
 class BlsSession(Session):
-    """A Session whose first round encodes the image with one ``encode_image`` ensemble call."""
+    """A Session on encoded image bytes (decoded here: ImageError before any state exists).
+
+    The image runs through the Session's own stages (``preprocess`` in this process, then one
+    ``vision_encoder`` and one ``mask_backbone`` model call), so a round over the wire reports the same
+    stage names as a local one."""
 
     def __init__(self, backend: TritonBlsBackend, payload: bytes, **kw):
-        rgb = decode_image_bytes(payload)          # ImageError before any state exists
+        rgb = decode_image_bytes(payload)
         super().__init__(backend, rgb, **kw)
-        self.payload = bytes(payload)
-
-    def prepare_image(self, t) -> ImageState:
-        if not hasattr(self.backend, "encode_image_payload"):
-            return super().prepare_image(t)
-        with t.stage("encode_image"):
-            got = self.backend.encode_image_payload(self.payload)
-        b = self.backend
-        empty = np.zeros(0, np.float32)  # the pixels stayed in the ensemble
-        return ImageState(self.rgb, empty, empty, np.asarray(got["resized_padded"], dtype=np.uint8),
-                          tuple(int(v) for v in np.asarray(got["input_hw"]).reshape(-1)[:2]),
-                          image_tokens=np.asarray(got[b.vision_outputs[0]], dtype=np.float32),
-                          features=[np.asarray(got[n]) for n in b.backbone_outputs])
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +290,7 @@ class ConversationService:
     def _question(inputs: dict) -> str | None:
         from ..limits import MAX_QUESTION_BYTES
 
-        q = _scalar_bytes(inputs.get("question"))
+        q = _scalar_bytes(inputs.get(IN_QUESTION))
         if q is None:
             return None
         if len(q) > MAX_QUESTION_BYTES:       # before decoding or tokenizing anything
@@ -319,7 +301,7 @@ class ConversationService:
     def _refs(inputs: dict) -> list[int] | None:
         from ..limits import MAX_REFS
 
-        a = inputs.get("refs")
+        a = inputs.get(IN_REFS)
         if a is None:
             return None
         a = np.asarray(a).reshape(-1)
@@ -331,12 +313,12 @@ class ConversationService:
         t_start = time.perf_counter()
         backend = self.backend
         backend.call_ms, backend.local_ms = {}, {}
-        start, end = _flag(inputs.get("start")), _flag(inputs.get("end"))
-        token_b = _scalar_bytes(inputs.get("conversation"))
+        start, end = _flag(inputs.get(IN_START)), _flag(inputs.get(IN_END))
+        token_b = _scalar_bytes(inputs.get(IN_CONVERSATION))
         token = token_b.decode("ascii", "replace") if token_b else None
         question = self._question(inputs)
         refs = self._refs(inputs)
-        image = _scalar_bytes(inputs.get("image"))
+        image = _scalar_bytes(inputs.get(IN_IMAGE))
         if start:
             if token is not None:
                 raise SessionError("a START request must not name a conversation: the server assigns one")
@@ -377,36 +359,62 @@ class ConversationService:
         timings["bls_in_process"] = sum(backend.local_ms.values())
         timings["bls_total"] = total
         timings["bls_overhead"] = max(0.0, total - timings["bls_model_calls"] - timings["bls_in_process"])
-        timings["calls"] = dict(backend.call_ms)
-        timings["in_process"] = dict(backend.local_ms)
-        return {
-            "mask": np.array([encode_mask_png(result.mask)], dtype=np.object_),
-            "box": np.asarray(result.box, dtype=np.float32).reshape(4),
-            "model_box": np.asarray(result.model_box, dtype=np.float32).reshape(4),
-            "score": np.array([result.score], dtype=np.float32),
-            "round": np.array([result.round], dtype=np.int32),
-            "timings": np.array([json.dumps(timings).encode()], dtype=np.object_),
-            "conversation": np.array([token.encode()], dtype=np.object_),
-        }
+        timings[TIMINGS_CALLS] = dict(backend.call_ms)
+        timings[TIMINGS_IN_PROCESS] = dict(backend.local_ms)
+        return round_response(result, token, timings, want_logits=_flag(inputs.get(IN_WANT_MASK_LOGITS)))
 
     @staticmethod
     def _closed_response(token: str) -> dict:
-        return {"mask": np.array([b""], dtype=np.object_), "box": np.zeros(4, np.float32),
-                "model_box": np.zeros(4, np.float32), "score": np.zeros(1, np.float32),
-                "round": np.zeros(1, np.int32), "timings": np.array([b"{}"], dtype=np.object_),
-                "conversation": np.array([token.encode()], dtype=np.object_)}
+        return closed_response(token)
+
+
+def round_response(result, token: str, timings: dict, want_logits: bool = False) -> dict:
+    """The response tensors of one round (:data:`~segllm_edge.contracts.serving.BLS_OUTPUTS`): every field of
+    its :class:`~segllm_edge.runtime.results.RoundResult` but the trace; ``mask_logits`` only when asked for."""
+    out = {
+        OUT_MASK: np.array([encode_mask_png(result.mask)], dtype=np.object_),
+        OUT_BOX: np.asarray(result.box, dtype=np.float32).reshape(4),
+        OUT_MODEL_MASK: np.array([encode_mask_png(result.model_mask)], dtype=np.object_),
+        OUT_MODEL_BOX: np.asarray(result.model_box, dtype=np.float32).reshape(4),
+        OUT_SCORE: np.array([result.score], dtype=np.float32),
+        OUT_ROUND: np.array([result.round], dtype=np.int32),
+        OUT_QUERY_INDEX: np.array([result.query_index], dtype=np.int32),
+        OUT_NEW_TOKENS: np.array([result.new_tokens], dtype=np.int32),
+        OUT_CONTEXT_TOKENS: np.array([result.context_tokens], dtype=np.int32),
+        OUT_MEMORY: np.array([json.dumps({k: int(v) for k, v in result.memory.items()}).encode()], dtype=np.object_),
+        OUT_TIMINGS: np.array([json.dumps(timings).encode()], dtype=np.object_),
+        OUT_CONVERSATION: np.array([token.encode()], dtype=np.object_),
+    }
+    if want_logits:
+        out[OUT_MASK_LOGITS] = np.ascontiguousarray(result.mask_logits, dtype=np.float32)
+    return out
+
+
+def closed_response(token: str) -> dict:
+    """The response to a close (``end`` with no question): zeros, empty masks, the token."""
+    ints = {n: np.zeros(1, np.int32) for n in (OUT_ROUND, OUT_QUERY_INDEX, OUT_NEW_TOKENS, OUT_CONTEXT_TOKENS)}
+    return {OUT_MASK: np.array([b""], dtype=np.object_), OUT_BOX: np.zeros(4, np.float32),
+            OUT_MODEL_MASK: np.array([b""], dtype=np.object_), OUT_MODEL_BOX: np.zeros(4, np.float32),
+            OUT_SCORE: np.zeros(1, np.float32), **ints, OUT_MEMORY: np.array([b"{}"], dtype=np.object_),
+            OUT_TIMINGS: np.array([b"{}"], dtype=np.object_),
+            OUT_CONVERSATION: np.array([token.encode()], dtype=np.object_)}
 
 
 # --------------------------------------------------------------------------------------------
 # callers
 # --------------------------------------------------------------------------------------------
 def pb_utils_caller(model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict:
-    """Call another model of the same server (BLS)."""
+    """Call another model of the same server (BLS), its outputs asked for in CPU memory: the round loop reads
+    them as numpy arrays, and a model on a GPU instance (onnxruntime_onnx / tensorrt_plan, ``--target ngc``)
+    would otherwise hand back GPU tensors, which ``as_numpy()`` cannot read."""
     import triton_python_backend_utils as pb_utils
 
+    kw = {}
+    if hasattr(pb_utils, "PreferredMemory"):   # Triton >= 23.04
+        kw["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
     req = pb_utils.InferenceRequest(model_name=model,
                                     inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
-                                    requested_output_names=list(outputs))
+                                    requested_output_names=list(outputs), **kw)
     resp = req.exec()
     if resp.has_error():
         msg = resp.error().message()
@@ -416,13 +424,23 @@ def pb_utils_caller(model: str, inputs: Mapping[str, np.ndarray], outputs: Seque
         if "ImageError" in msg:
             raise ImageError(msg.split("ImageError: ", 1)[-1])
         raise BackendError(f"model {model!r} failed: {msg}")
-    return {o: pb_utils.get_output_tensor_by_name(resp, o).as_numpy() for o in outputs}
+    return {o: host_array(pb_utils.get_output_tensor_by_name(resp, o), model, o) for o in outputs}
+
+
+def host_array(tensor, model: str, name: str) -> np.ndarray:
+    """A BLS response tensor as a numpy array; a clear error (not Triton's) for one left in GPU memory."""
+    if tensor is None:
+        raise BackendError(f"model {model!r} returned no output {name!r}")
+    if hasattr(tensor, "is_cpu") and not tensor.is_cpu():
+        raise BackendError(f"model {model!r} returned {name!r} in GPU memory although CPU memory was asked for "
+                           "(a Triton older than 23.04 ignores preferred_memory); upgrade the server")
+    return tensor.as_numpy()
 
 
 class InProcessCaller:
     """Runs the repository's model classes in this process (tests, debugging): the same code paths
-    as Triton minus the transport.  ``encode_image`` is the ensemble's DAG done by hand. Like the
-    repository it has no model for :data:`~segllm_edge.contracts.serving.BLS_GRAPHS`."""
+    as Triton minus the transport. Like the repository it has no model for
+    :data:`~segllm_edge.contracts.serving.BLS_GRAPHS`."""
 
     def __init__(self, export_dir: str | Path, threads: int | None = None):
         from ..contracts.manifest import Manifest
@@ -444,14 +462,7 @@ class InProcessCaller:
         self.models[PREPROCESS_MODEL] = pre
 
     def __call__(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict:
-        ctx = RequestContext()
-        if model == ENCODE_IMAGE:
-            pre = self.models[PREPROCESS_MODEL].infer(dict(inputs), ctx)
-            bb_in = self.models["mask_backbone"].session.get_inputs()[0].name
-            bb = self.models["mask_backbone"].infer({bb_in: pre[HIPIE_IMAGE]}, ctx)
-            got = {**pre, **bb}
-        else:
-            got = self.models[model].infer(dict(inputs), ctx)
+        got = self.models[model].infer(dict(inputs), RequestContext())
         return {o: got[o] for o in outputs}
 
 
@@ -459,10 +470,9 @@ class InProcessCaller:
 # the python-backend entry point
 # --------------------------------------------------------------------------------------------
 class SegLLMBlsModel(PythonModel):
-    """``segllm``: the BLS model (one instance: it holds the conversations, and runs the llm and CLIP itself).
-    Parameters: ``segllm_export_dir`` (absolute or relative to the model folder), ``segllm_max_conversations``,
-    ``segllm_idle_timeout_s``, ``segllm_max_session_bytes`` (per-conversation memory budget; default
-    :func:`default_session_bytes`), ``segllm_threads`` (onnxruntime threads of its graphs; default all cores)."""
+    """``segllm``: the BLS model (one instance: it holds the conversations). Parameters: ``segllm_export_dir``
+    (absolute or relative to the model folder), ``segllm_max_conversations``, ``segllm_idle_timeout_s``,
+    ``segllm_max_session_bytes`` (per-conversation memory budget; default :func:`default_session_bytes`)."""
 
     caller: Caller = staticmethod(pb_utils_caller)
 

@@ -39,7 +39,12 @@ def triton_repo_command(export_dir, out, target, max_conversations, idle_timeout
         _fail(exc)
     for name, kind in describe_repository(repo).items():
         click.echo(f"{name:15s} {kind}")
-    click.echo(f"repository written to {repo} (target {target})")
+    from .model_config import portability_problems
+
+    problems = portability_problems(repo)
+    click.echo(f"repository written to {repo} (target {target}; "
+               + ("portable: no path of this machine in it)" if not problems else
+                  "NOT portable: " + "; ".join(problems) + ")"))
 
 
 def _cached_repo(export_dir: Path, max_conversations: int, idle_timeout: float) -> Path:

@@ -9,18 +9,22 @@ Hence the contract:
 * The repository generator writes every python-backend model as the same thin ``model.py``
   (:data:`MODEL_PY`) plus a ``config.pbtxt`` whose ``parameters`` carry
 
-  - ``segllm_sys_path``: site-packages folders (``os.pathsep``-separated) to add with
+  - ``segllm_sys_path`` (opt-in, see below): site-packages folders (``os.pathsep``-separated) to add with
     ``site.addsitedir`` (so ``.pth`` files, editable installs included, are honoured) in
     front of the stub's own ``sys.path``;
   - ``segllm_entrypoint``: ``"package.module:Class"``, the model's logic;
-  - ``segllm_python``: the ``X.Y`` the paths were written for (checked, clear error if not).
+  - ``segllm_python`` (with ``segllm_sys_path``): the ``X.Y`` the paths were written for (checked).
 
 * ``model.py``'s ``initialize`` adds the paths, then calls :func:`load_entrypoint`, which
-  checks the stub's environment (Python version, numpy < 2) and builds the entrypoint.
+  checks the stub's environment (Python version, numpy the stub supports) and builds the entrypoint.
+
+* By default a config names no path at all (portable repositories): the stub's own Python -- the
+  project's interpreter under ``TritonServer``, the container's Python in NVIDIA's image with
+  ``pip install segllm-edge`` -- imports the package.  ``segllm_sys_path`` is opt-in.
 
 * Limit: the stub imports ``triton_python_backend_utils`` -- and with it **numpy** -- before it
-  loads ``model.py``.  numpy (< 2) must therefore be importable from the stub's own Python;
-  ``segllm_sys_path`` can add the project and its other dependencies, not numpy.
+  loads ``model.py``; numpy must therefore be importable from the stub's own Python, and be < 2
+  unless the stub is from Triton 2.52 / container 24.11 or later (:func:`stub_supports_numpy2`).
 
 * The logic is a :class:`PythonModel` subclass working on plain numpy dicts
   (``infer(inputs, ctx) -> outputs``), importable and testable without Triton; the Triton
@@ -124,13 +128,16 @@ def _editable_from(site_dirs: Iterable[str]) -> bool:
 
 def model_parameters(entrypoint: str, sys_path: Sequence[str] | None = None,
                      extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The ``parameters`` a generated model's config needs (``sys_path=[]`` for none, e.g. an NGC image
-    where the package is installed into the image's own Python)."""
-    params = {
-        PARAM_ENTRYPOINT: entrypoint,
-        PARAM_SYS_PATH: os.pathsep.join(default_sys_path() if sys_path is None else sys_path),
-        PARAM_PYTHON: f"{sys.version_info[0]}.{sys.version_info[1]}",
-    }
+    """The ``parameters`` a generated model's config needs.
+
+    By default none but the entrypoint: the stub's own Python (the server's, or NVIDIA's container's with
+    ``pip install segllm-edge``) imports the package, so the config names no path of this machine.  Give
+    ``sys_path`` (e.g. :func:`default_sys_path`) to pin a stub to extra site-packages; the Python version they
+    were written for is then recorded and checked (``segllm_python``)."""
+    params = {PARAM_ENTRYPOINT: entrypoint}
+    if sys_path:
+        params[PARAM_SYS_PATH] = os.pathsep.join(sys_path)
+        params[PARAM_PYTHON] = f"{sys.version_info[0]}.{sys.version_info[1]}"
     params.update(extra or {})
     return params
 
@@ -175,15 +182,16 @@ class TensorSpec:
     optional: bool = False              # inputs only: the request may leave it out
     allow_ragged_batch: bool = False    # inputs only: requests batched together may differ in shape
 
-    def pbtxt(self) -> str:
-        dims = ", ".join(str(int(d)) for d in self.dims)
-        extra = (" optional: true" if self.optional else "") + (
-            " allow_ragged_batch: true" if self.allow_ragged_batch else "")
-        return f'{{ name: "{self.name}" data_type: {triton_dtype(self.dtype)} dims: [ {dims} ]{extra} }}'
-
 
 def _specs(items: Iterable[TensorSpec | tuple]) -> list[TensorSpec]:
     return [t if isinstance(t, TensorSpec) else TensorSpec(*t) for t in items]
+
+
+def triton_specs(items: Iterable[TensorSpec | tuple]) -> list[TensorSpec]:
+    """The specs with their dtypes as Triton type names (``"TYPE_FP32"``), as a model config has them."""
+    from dataclasses import replace
+
+    return [replace(t, dtype=triton_dtype(t.dtype)) for t in _specs(items)]
 
 
 def sequence_batching_pbtxt(max_sequence_idle_microseconds: int, corrid_dtype: str = "TYPE_UINT64") -> str:
@@ -213,27 +221,23 @@ def write_python_model(repository: str | os.PathLike, name: str, entrypoint: str
 
     ``inputs``/``outputs`` are :class:`TensorSpec` or ``(name, dtype, dims)`` tuples.  Giving
     ``max_sequence_idle_microseconds`` adds a sequence batcher with START/END/CORRID controls.
-    Returns the model folder.
+    The config is written through Triton's schema (:mod:`segllm_edge.serving.model_config`);
+    ``extra_config`` (pbtxt text) is merged into it, checked by the same schema.  Returns the model folder.
     """
+    from . import model_config as mc
+
     folder = Path(repository) / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
     (folder / "1" / "model.py").write_text(MODEL_PY)
-    params = model_parameters(entrypoint, sys_path, parameters)
-    lines = [
-        f'name: "{name}"',
-        'backend: "python"',
-        f"max_batch_size: {int(max_batch_size)}",
-        "input [\n  " + ",\n  ".join(t.pbtxt() for t in _specs(inputs)) + "\n]",
-        "output [\n  " + ",\n  ".join(t.pbtxt() for t in _specs(outputs)) + "\n]",
-        f"instance_group [ {{ kind: KIND_CPU count: {int(instance_count)} }} ]",
-    ]
+    cfg = mc.new_config(name, backend="python", max_batch_size=max_batch_size)
+    mc.add_tensors(cfg, "input", triton_specs(inputs))
+    mc.add_tensors(cfg, "output", triton_specs(outputs))
+    mc.add_instances(cfg, instance_count, mc.KIND_CPU)
     if max_sequence_idle_microseconds is not None:
-        lines.append(sequence_batching_pbtxt(max_sequence_idle_microseconds).rstrip())
-    for k, v in params.items():
-        lines.append(f'parameters {{ key: "{k}" value: {{ string_value: {json.dumps(str(v))} }} }}')
-    if extra_config:
-        lines.append(extra_config.rstrip())
-    (folder / "config.pbtxt").write_text("\n".join(lines) + "\n")
+        mc.merge_text(cfg, sequence_batching_pbtxt(max_sequence_idle_microseconds))
+    mc.set_parameters(cfg, model_parameters(entrypoint, sys_path, parameters))
+    mc.merge_text(cfg, extra_config)
+    mc.write_config(folder, cfg)
     return folder
 
 
@@ -245,19 +249,51 @@ def config_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
 
 
-def check_stub_environment(expected_python: str | None = None) -> None:
+#: the first Triton release whose python-backend stub is built with pybind11 2.12, which supports numpy 2
+#: (python_backend r24.11, Triton 2.52); the 2.51 stub of nvidia-pytriton 0.7 corrupts tensors under numpy 2
+NUMPY2_STUB = {"TRITON_SERVER_VERSION": (2, 52), "NVIDIA_TRITON_SERVER_VERSION": (24, 11)}
+
+
+def _version(text: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(p) for p in text.strip().split(".")[:2])
+    except ValueError:
+        return None
+
+
+def stub_supports_numpy2(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this stub's Triton release handles numpy 2: known from the version NVIDIA's containers set
+    (``TRITON_SERVER_VERSION`` / ``NVIDIA_TRITON_SERVER_VERSION``, inherited by every stub); a stub of unknown
+    release (the nvidia-pytriton wheel sets neither) is taken to be one of the older ones."""
+    env = os.environ if environ is None else environ
+    for var, first in NUMPY2_STUB.items():
+        v = _version(env.get(var, "") or "")
+        if v is not None:
+            return v >= first
+    return False
+
+
+def check_stub_environment(expected_python: str | None = None, environ: Mapping[str, str] | None = None,
+                           numpy_version: str | None = None) -> None:
     """Fail loudly on the two known ways a stub silently misbehaves."""
     have = f"{sys.version_info[0]}.{sys.version_info[1]}"
     if expected_python and expected_python != have:
         raise StubEnvironmentError(
             f"the python-backend stub runs Python {have} but the model's site-packages were written for "
             f"Python {expected_python} (parameter {PARAM_PYTHON}); use the stub built for {expected_python}")
-    import numpy
-    if int(numpy.__version__.split(".")[0]) >= 2:
+    if numpy_version is None:
+        import numpy
+        numpy_version, where = numpy.__version__, numpy.__file__
+    else:
+        where = "(given)"
+    if int(numpy_version.split(".")[0]) >= 2 and not stub_supports_numpy2(environ):
+        env = os.environ if environ is None else environ
+        seen = ", ".join(f"{k}={env[k]}" for k in NUMPY2_STUB if env.get(k)) or "no TRITON_SERVER_VERSION set"
         raise StubEnvironmentError(
-            f"numpy {numpy.__version__} at {numpy.__file__} is on the stub's sys.path; Triton's python-backend "
-            "stub (pytriton 0.7 / server 2.51) corrupts tensor transfer with numpy 2 "
-            "('output tensor shape does not match size') -- install numpy<2")
+            f"numpy {numpy_version} at {where} is on the stub's sys.path, but this stub ({seen}) is older than "
+            "Triton 2.52 / container 24.11, whose python backend first supports numpy 2; the older stubs "
+            "(e.g. nvidia-pytriton 0.7's, Triton 2.51) corrupt tensor transfer with numpy 2 ('output tensor "
+            "shape does not match size') -- install numpy<2 or use a newer Triton")
 
 
 def import_string(spec: str) -> Any:

@@ -2,15 +2,19 @@
 
 ``generate_repository(export_dir, out_repo, target="python"|"ngc")`` writes:
 
+* the export itself, once, in ``segllm/1/export/`` (manifest, graphs and their external weights,
+  tokenizer, arrays), hard-linked from the export folder where the file system allows (else copied);
+
 * one model per manifest graph except those the BLS runs itself (``BLS_GRAPHS``: llm, vision_encoder,
   mask_encoder), named after the graph, with the manifest's tensor names/dtypes (``str`` dimensions
   become ``-1``):
 
   - ``target="python"``: a python-backend model (:class:`~segllm_edge.serving.models.OrtGraphModel`)
-    running onnxruntime on the graph file *in the export folder* (absolute path parameter);
-  - ``target="ngc"``: an ``onnxruntime_onnx`` model with the graph copied to ``1/model.onnx``
+    running onnxruntime on ``../segllm/1/export/<graph>.onnx`` (relative to its model folder);
+  - ``target="ngc"``: an ``onnxruntime_onnx`` model with the graph hard-linked as ``1/model.onnx``
     (plus its ``.onnx.data``), or a ``tensorrt_plan`` model (``1/model.plan``) for a graph whose
     engine exists at ``<export>/tensorrt/<graph>.plan`` -- same model and tensor names either way;
+    instance kind ``KIND_AUTO`` (loads on CPU-only and GPU servers);
 
 * ``preprocess`` (python): encoded image bytes → CLIP pixels, HIPIE input, padded image, sizes;
 * ``encode_image`` (ensemble, stateless): preprocess → mask_backbone (+ the CLIP pixels passed through);
@@ -19,6 +23,9 @@
 
 The python graph models check every request against the manifest's shapes with the symbolic
 axes bounded (:func:`segllm_edge.limits.graph_axis_limits`) before onnxruntime runs.
+
+No config names a path of this machine (:func:`~.model_config.portability_problems` checks it), and
+every ``config.pbtxt`` is written through Triton's own schema (:mod:`.model_config`).
 
 The manifest is the only source of graph names and I/O; nothing here lists a graph's tensors.
 """
@@ -29,14 +36,14 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from ..contracts.serving import (BLS_GRAPHS, BLS_INPUTS, BLS_MODEL, BLS_OUTPUTS, ENCODE_IMAGE as ENSEMBLE_MODEL, HIPIE_IMAGE,
+from ..contracts.serving import (BLS_GRAPHS, ENCODE_IMAGE_PASSTHROUGH, BLS_INPUTS, BLS_MODEL, BLS_OUTPUTS, ENCODE_IMAGE as ENSEMBLE_MODEL, HIPIE_IMAGE,
                                  IMAGE_BYTES, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR, PARAM_GRAPH_FILE, PARAM_IDLE_TIMEOUT,
                                  PARAM_AXES, PARAM_AXIS_LIMITS, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES,
-                                 PARAM_THREADS, PIXEL_VALUES, PREPROCESS_MODEL, PREPROCESS_PASSTHROUGH,
-                                 ENCODE_IMAGE_PASSTHROUGH)
+                                 PARAM_THREADS, PIXEL_VALUES, PREPROCESS_MODEL, PREPROCESS_PASSTHROUGH)
 from ..errors import CheckpointError
 from ..limits import graph_axis_limits
-from .pystub import PARAM_PYTHON, TensorSpec, triton_dtype, write_python_model
+from . import model_config as mc
+from .pystub import TensorSpec, triton_dtype, triton_specs, write_python_model
 
 TARGETS = ("python", "ngc")
 ENTRY = "segllm_edge.serving"
@@ -80,69 +87,92 @@ def graph_model_config_dict(graph, graph_file, threads: int | None = None, max_c
     }
 
 
-def _io_block(kind: str, specs: Sequence[TensorSpec]) -> str:
-    return f"{kind} [\n  " + ",\n  ".join(t.pbtxt() for t in specs) + "\n]"
-
-
-def _ensemble_config(manifest) -> str:
+def _ensemble_config(manifest):
     bb = manifest.graphs["mask_backbone"]
     pre_out = {t.name: t for t in _preprocess_outputs(manifest)}
     outputs = [_spec(t) for t in bb.outputs] + [pre_out[n] for n in ENCODE_IMAGE_PASSTHROUGH]
+    cfg = mc.new_config(ENSEMBLE_MODEL, platform="ensemble")
+    mc.add_tensors(cfg, "input", triton_specs([IMAGE_BYTES]))
+    mc.add_tensors(cfg, "output", triton_specs(outputs))
 
-    def omap(names):
-        return " ".join(f'output_map {{ key: "{n}" value: "{n}" }}' for n in names)
+    def step(model, inputs: dict, outs):
+        s = cfg.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        s.input_map.update(inputs)
+        s.output_map.update({n: n for n in outs})
 
-    steps = [
-        f'{{ model_name: "{PREPROCESS_MODEL}" model_version: -1 input_map {{ key: "image" value: "image" }} '
-        f'{omap(pre_out)} }}',
-        f'{{ model_name: "mask_backbone" model_version: -1 '
-        f'input_map {{ key: "{bb.inputs[0].name}" value: "{HIPIE_IMAGE}" }} {omap(t.name for t in bb.outputs)} }}',
-    ]
-    return "\n".join([
-        f'name: "{ENSEMBLE_MODEL}"', 'platform: "ensemble"', "max_batch_size: 0",
-        _io_block("input", [TensorSpec(*IMAGE_BYTES)]), _io_block("output", outputs),
-        "ensemble_scheduling {\n  step [\n    " + ",\n    ".join(steps) + "\n  ]\n}",
-    ]) + "\n"
+    step(PREPROCESS_MODEL, {"image": "image"}, pre_out)
+    step("mask_backbone", {bb.inputs[0].name: HIPIE_IMAGE}, [t.name for t in bb.outputs])
+    return cfg
 
 
-def _ngc_graph_model(repo: Path, export: Path, graph, instance_count: int, link: bool) -> Path:
+def _graph_files(export: Path, graph) -> list[Path]:
+    """A graph's file and its external weights (which keep their name: the graph refers to it)."""
+    src = export / graph.file
+    data = src.with_name(src.name + ".data")
+    return [src, data] if data.is_file() else [src]
+
+
+def place_export(export: Path, manifest, dst: Path) -> Path:
+    """The export's files the manifest names (manifest, graphs + external weights, tokenizer, arrays) at ``dst``,
+    hard-linked where the file system allows (no second copy on disk), copied otherwise."""
+    from ..contracts.manifest import MANIFEST_NAME
+
+    mc.place_file(export / MANIFEST_NAME, dst / MANIFEST_NAME)
+    mc.place_tree(export / manifest.tokenizer_dir, dst / manifest.tokenizer_dir)
+    for f in manifest.arrays.values():
+        mc.place_file(export / f, dst / f)
+    for g in manifest.graphs.values():
+        for f in _graph_files(export, g):
+            mc.place_file(f, dst / f.relative_to(export))
+    return dst
+
+
+def _ngc_graph_model(repo: Path, export: Path, shipped: Path, graph, instance_count: int) -> Path:
+    """An onnxruntime_onnx (or tensorrt_plan, where ``<export>/tensorrt/<graph>.plan`` exists) model, its file(s)
+    hard-linked from the repository's own copy of the export; KIND_AUTO: GPU instances where the server has
+    GPUs, CPU instances where it has none."""
     folder = repo / graph.name
-    (folder / "1").mkdir(parents=True, exist_ok=True)
     plan = export / "tensorrt" / f"{graph.name}.plan"
     if plan.is_file():
-        platform, dst = "tensorrt_plan", folder / "1" / "model.plan"
-        files = [(plan, dst)]
+        platform = "tensorrt_plan"
+        mc.place_file(plan, folder / "1" / "model.plan")
     else:
-        platform, dst = "onnxruntime_onnx", folder / "1" / "model.onnx"
-        src = export / graph.file
-        files = [(src, dst)]
-        data = src.with_name(src.name + ".data")
-        if data.is_file():   # external weights keep their file name (the graph refers to it)
-            files.append((data, folder / "1" / data.name))
-    for s, d in files:
-        if link:
-            os.symlink(s.resolve(), d)
-        else:
-            shutil.copyfile(s, d)
-    cfg = "\n".join([
-        f'name: "{graph.name}"', f'platform: "{platform}"', "max_batch_size: 0",
-        _io_block("input", [_spec(t) for t in graph.inputs]), _io_block("output", [_spec(t) for t in graph.outputs]),
-        f"instance_group [ {{ kind: KIND_GPU count: {int(instance_count)} }} ]",
-    ]) + "\n"
-    (folder / "config.pbtxt").write_text(cfg)
+        platform = "onnxruntime_onnx"
+        src, *data = _graph_files(shipped, graph)
+        mc.place_file(src, folder / "1" / "model.onnx")
+        for d in data:
+            mc.place_file(d, folder / "1" / d.name)
+    cfg = mc.new_config(graph.name, platform=platform)
+    mc.add_tensors(cfg, "input", triton_specs(_spec(t) for t in graph.inputs))
+    mc.add_tensors(cfg, "output", triton_specs(_spec(t) for t in graph.outputs))
+    mc.add_instances(cfg, instance_count, mc.KIND_AUTO)
+    mc.write_config(folder, cfg)
     return folder
 
 
-def write_bls_model(repo: str | os.PathLike, export_param: str, *, name: str = BLS_MODEL, max_conversations: int = 8,
-                    idle_timeout_s: float = 600, instance_count: int = 1, sys_path: Sequence[str] | None = None,
-                    extra_parameters: dict | None = None, max_session_bytes: int | None = None) -> Path:
+#: where the BLS model keeps the export inside the repository, relative to its model folder ...
+BLS_EXPORT = "1/export"
+
+
+def bls_export_param(model: str = BLS_MODEL) -> str:
+    """... and the ``segllm_export_dir`` another model of the same repository gives to reach it (a BLS variant)."""
+    return BLS_EXPORT if model == BLS_MODEL else f"../{BLS_MODEL}/{BLS_EXPORT}"
+
+
+def write_bls_model(repo: str | os.PathLike, export_param: str | None = None, *, name: str = BLS_MODEL,
+                    max_conversations: int = 8, idle_timeout_s: float = 600, instance_count: int = 1,
+                    sys_path: Sequence[str] | None = None, extra_parameters: dict | None = None,
+                    max_session_bytes: int | None = None) -> Path:
     """The ``segllm`` BLS model (also used to add a variant, e.g. one with a short idle timeout).
 
+    ``export_param``: the export folder, relative to the model folder (default: the repository's own,
+    :func:`bls_export_param`); an absolute path works but ties the repository to this machine.
     Always ONE instance (it holds the conversations; ``instance_count`` applies to the graph models)
     and no sequence batcher: conversations are the model's own (see :class:`~.bls.ConversationStore`)."""
     if idle_timeout_s <= 0:
         raise ValueError("idle_timeout_s must be > 0")
-    params = {PARAM_EXPORT_DIR: export_param, PARAM_MAX_CONVERSATIONS: str(int(max_conversations)),
+    params = {PARAM_EXPORT_DIR: export_param or bls_export_param(name),
+              PARAM_MAX_CONVERSATIONS: str(int(max_conversations)),
               PARAM_IDLE_TIMEOUT: str(float(idle_timeout_s)), **(extra_parameters or {})}
     if max_session_bytes:
         params[PARAM_MAX_SESSION_BYTES] = str(int(max_session_bytes))
@@ -152,16 +182,20 @@ def write_bls_model(repo: str | os.PathLike, export_param: str, *, name: str = B
 
 def generate_repository(export_dir, out_repo, target: str = "python", max_conversations: int = 8,
                         idle_timeout_s: float = 600, instance_count: int = 1, force: bool = False, *,
-                        sys_path: Sequence[str] | None = None, threads: int | None = None,
-                        link_graphs: bool = False) -> Path:
+                        sys_path: Sequence[str] | None = None, threads: int | None = None) -> Path:
     """Write a Triton model repository for the export at ``export_dir`` into ``out_repo``; returns it.
 
-    ``sys_path``: site-packages for the python models (default: this environment's; ``[]`` when the
-    package is installed in the server's Python, e.g. an NGC image with ``pip install segllm-edge``).
+    The repository is self-contained and names no path of this machine: the export's files go into
+    ``segllm/1/export/`` once (hard links where the file system allows, else copies), the graph models refer
+    to them relative to their own folder (``--target python``) or hard-link them as ``1/model.onnx``
+    (``--target ngc``), and the python models run in the stub's own Python (the server's, or the
+    container's with ``pip install segllm-edge``). Every ``config.pbtxt`` is written through Triton's
+    schema (:mod:`.model_config`). Move, copy or mount it anywhere.
+
+    ``sys_path``: opt-in site-packages for the python models (absolute paths: not portable).
     ``threads``: onnxruntime intra-op threads per graph model (default: all cores).
-    ``link_graphs`` (ngc): symlink the graphs instead of copying them.
     """
-    from ..contracts.manifest import MANIFEST_NAME, Manifest
+    from ..contracts.manifest import Manifest
 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -179,61 +213,41 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
             raise FileExistsError(f"{repo} exists and is not empty; pass force=True (--force) to overwrite it")
         shutil.rmtree(repo) if repo.is_dir() else repo.unlink()
     repo.mkdir(parents=True, exist_ok=True)
-    common: dict[str, str] = {}
-    if target == "ngc":
-        if sys_path is None:
-            sys_path = []
-        common[PARAM_PYTHON] = ""   # the container's Python runs its own site-packages: no version pin
+    shipped = place_export(export, manifest, repo / BLS_MODEL / BLS_EXPORT)
 
     for g in manifest.graphs.values():
-        if g.name in BLS_GRAPHS:
+        if g.name in BLS_GRAPHS:      # run inside the BLS (serving/bls_graphs.py): no model of their own
             continue
         if target == "python":
+            graph_file = Path("..") / BLS_MODEL / BLS_EXPORT / g.file     # relative to the graph's model folder
             write_python_model(repo, g.name, f"{ENTRY}.models:OrtGraphModel",
                                [_spec(t) for t in g.inputs], [_spec(t) for t in g.outputs],
                                instance_count=instance_count, sys_path=sys_path,
-                               parameters={PARAM_GRAPH_FILE: str(export / g.file),
+                               parameters={PARAM_GRAPH_FILE: graph_file.as_posix(),
                                            PARAM_THREADS: str(threads or 0),
                                            **_bound_params(g, int(manifest.model["max_context"]))})
         else:
-            _ngc_graph_model(repo, export, g, instance_count, link_graphs)
+            _ngc_graph_model(repo, export, shipped, g, instance_count)
 
     write_python_model(repo, PREPROCESS_MODEL, f"{ENTRY}.models:PreprocessModel", [IMAGE_BYTES],
                        _preprocess_outputs(manifest), instance_count=instance_count, sys_path=sys_path,
-                       parameters={PARAM_CLIP_SIZE: str(manifest.model["clip_image_size"]), **common})
+                       parameters={PARAM_CLIP_SIZE: str(manifest.model["clip_image_size"])})
     (repo / ENSEMBLE_MODEL / "1").mkdir(parents=True, exist_ok=True)
-    (repo / ENSEMBLE_MODEL / "config.pbtxt").write_text(_ensemble_config(manifest))
-
-    if target == "python":
-        export_param = str(export)
-    else:   # the BLS needs the manifest, tokenizer and embedding table: ship them inside the model folder
-        dst = repo / BLS_MODEL / "1" / "export"
-        dst.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(export / MANIFEST_NAME, dst / MANIFEST_NAME)
-        shutil.copytree(export / manifest.tokenizer_dir, dst / manifest.tokenizer_dir)
-        for f in manifest.arrays.values():
-            shutil.copyfile(export / f, dst / f)
-        for name in BLS_GRAPHS:   # the graphs the BLS runs itself
-            src = export / manifest.graphs[name].file
-            for s in (src, src.with_name(src.name + ".data")):
-                if s.is_file():
-                    os.symlink(s.resolve(), dst / s.name) if link_graphs else shutil.copyfile(s, dst / s.name)
-        export_param = "1/export"
-    write_bls_model(repo, export_param, max_conversations=max_conversations, idle_timeout_s=idle_timeout_s,
+    mc.write_config(repo / ENSEMBLE_MODEL, _ensemble_config(manifest))
+    write_bls_model(repo, max_conversations=max_conversations, idle_timeout_s=idle_timeout_s,
                     instance_count=instance_count, sys_path=sys_path,
-                    extra_parameters={**common, PARAM_THREADS: str(threads or 0)})
+                    extra_parameters={PARAM_THREADS: str(threads or 0)})
     return repo
 
 
 def describe_repository(repo: str | os.PathLike) -> dict:
-    """``{model: platform/backend}`` of a generated repository (for CLIs and tests)."""
+    """``{model: platform/backend}`` of a generated repository (for CLIs and tests), read with Triton's schema."""
     out = {}
-    for cfg in sorted(Path(repo).glob("*/config.pbtxt")):
-        text = cfg.read_text()
-        kind = next((line.split('"')[1] for line in text.splitlines()
-                     if line.startswith(("platform:", "backend:"))), "?")
-        out[cfg.parent.name] = kind
+    for cfg_path in sorted(Path(repo).glob("*/config.pbtxt")):
+        cfg = mc.read_config(cfg_path)
+        out[cfg_path.parent.name] = cfg.platform or cfg.backend or "?"
     return out
 
 
-__all__ = ["generate_repository", "write_bls_model", "describe_repository", "TARGETS", "graph_model_config_dict"]
+__all__ = ["generate_repository", "write_bls_model", "describe_repository", "place_export", "bls_export_param",
+           "TARGETS", "graph_model_config_dict"]

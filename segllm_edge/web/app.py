@@ -107,8 +107,9 @@ def _hex(c) -> str:
 def _round_json(cid: str, r) -> dict:
     k = int(r.round)
     mask = np.asarray(r.mask, dtype=bool)
-    # numbers only: a remote round also reports nested details (e.g. per-graph "calls")
-    timings = {s: round(float(v), 2) for s, v in r.timings.items() if isinstance(v, (int, float))}
+    # numbers only: a remote round's serving times (client_round_trip, bls_total, ...) too, not nested details
+    both = {**r.timings, **(getattr(r, "serving", None) or {})}
+    timings = {s: round(float(v), 2) for s, v in both.items() if isinstance(v, (int, float))}
     staged = {s: timings[s] for s in CHART_STAGES if s in timings}
     base = f"/api/conversations/{cid}/rounds/{k}"
     return {

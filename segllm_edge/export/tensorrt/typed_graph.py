@@ -35,12 +35,20 @@ def typed_graph(plan, out_dir: Path) -> Path:
     if plan.precision == "fp32" or plan.has_qdq:
         return plan.onnx
     model = onnx.load(str(plan.onnx), load_external_data=False)
-    if _reduced_float_types(model):
-        return plan.onnx  # the fp16 export: its types (and Cast islands) are already in the graph
+    found = _reduced_float_types(model)
+    want = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}.get(plan.precision)
+    if found and (want is None or want in found):
+        return plan.onnx  # an fp16/bf16 export: its types (and fp32 islands as Casts) are already in the graph
+    if found:
+        have = "bf16" if onnx.TensorProto.BFLOAT16 in found else "fp16"
+        raise BackendError(f"a strongly typed {plan.precision} engine of {plan.graph} needs a {plan.precision} ONNX "
+                           f"graph, and {plan.onnx.name} is {have}: build with --precision {have}, or export "
+                           f"`segllm-edge export --precision {plan.precision}`")
     if plan.precision != "fp16":
         raise BackendError(f"a strongly typed {plan.precision} engine of {plan.graph} needs a {plan.precision} ONNX "
-                           f"graph, and {plan.onnx.name} is fp32 (segllm-edge converts to fp16 only): build with "
-                           "--precision fp16 on this TensorRT, or give it a typed graph (TensorRT Model Optimizer)")
+                           f"graph, and {plan.onnx.name} is fp32 (build-engines converts to fp16 only): export with "
+                           f"`segllm-edge export --precision {plan.precision}`, build with --precision fp16 on this "
+                           "TensorRT, or give it a typed graph (TensorRT Model Optimizer)")
     io = [t.name for t in (*model.graph.input, *model.graph.output)]
     keep = [n for n in io if not (plan.kv_dtype and n.startswith(KV_PREFIXES))]
     out = Path(out_dir) / TYPED_SUBDIR

@@ -1,0 +1,367 @@
+"""The GPU check: one command for an NVIDIA machine with torch + CUDA and no network (``benchmarks/gpu/run.sh``).
+
+Steps, each in its own process with a time cap, all within ``--budget-s`` (default 480 s = 8 minutes; a step
+that would not fit in what is left is skipped with a message):
+
+1. ``install``  -- ``pip install --no-deps --no-build-isolation --no-index -e .`` (nothing downloaded; the steps
+   also find the checkout on PYTHONPATH, so a failed install is reported and the run goes on);
+2. ``fidelity`` -- the golden checkpoint (rebuilt from tests/golden) loaded with ``backend="cuda"``, the golden
+   3-round conversation against the research code's outputs (mask IoU, winning query, logits, box);
+3. ``kernels``  -- the OpenAI-Triton kernels (segllm_edge/kernels) against their PyTorch references on the GPU,
+   at HIPIE's sizes, with the time of each side by side;
+4. ``bench``    -- a random checkpoint of the full LLaVA-7B size built here (``make-tiny-checkpoint --hidden 4096
+   --heads 32 --intermediate 11008 --layers 32 --clip-hidden 1024 --clip-layers 24``), loaded in bf16 on the
+   GPU, and the per-round benchmark (segllm_edge.bench: caching vs recompute, interleaved).
+
+Results go to ``benchmarks/results/<stamp>_gpu_<gpu>.json`` (``--out DIR`` to change), named after the GPU
+nvidia-smi reports. Exit status: 0 every step that ran passed, 1 a step failed or timed out, 2 bad arguments,
+3 no NVIDIA GPU (no nvidia-smi or it lists none), 4 torch has no CUDA (when a step needs it).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "golden"
+STEPS = ("install", "fidelity", "kernels", "bench")
+#: seconds each step may take at most (its process is killed past it); a step starts only if it fits
+STEP_CAP_S = {"install": 40, "fidelity": 80, "kernels": 60, "bench": 300}
+EXIT_FAILED, EXIT_USAGE, EXIT_NO_GPU, EXIT_NO_CUDA = 1, 2, 3, 4
+#: the full LLaVA-1.5-7B sizes (LLM) and CLIP ViT-L/14 (make-tiny-checkpoint flags)
+FULL_7B = dict(hidden=4096, heads=32, intermediate=11008, layers=32, clip_hidden=1024, clip_layers=24)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# planning (pure: tested on CPU)
+# ----------------------------------------------------------------------------------------------------------
+def plan(skips: set[str], budget_s: float, elapsed_s: float, step: str) -> tuple[bool, str, float]:
+    """Whether ``step`` runs now: ``(run, why_not, timeout_s)``."""
+    if step in skips:
+        return False, f"skipped (--skip-{step})", 0.0
+    left = budget_s - elapsed_s
+    cap = STEP_CAP_S[step]
+    if left < cap:
+        return False, f"skipped: {left:.0f} s left of the {budget_s:.0f} s budget, the step may take {cap} s", 0.0
+    return True, "", float(cap)
+
+
+def needs_cuda(skips: set[str]) -> bool:
+    return any(s not in skips for s in ("fidelity", "kernels", "bench"))
+
+
+def gpu_info(nvidia_smi: str | None = None) -> dict | None:
+    """The first GPU as nvidia-smi names it (``{"name", "memory", "driver"}``), None when there is none."""
+    exe = nvidia_smi or shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not lines:
+        return None
+    parts = [p.strip() for p in lines[0].split(",")]
+    parts += [""] * (3 - len(parts))
+    return {"name": parts[0], "memory": parts[1], "driver": parts[2], "count": len(lines)}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "gpu"
+
+
+def golden_questions() -> tuple[str, ...]:
+    """The golden conversation, read from its one definition (tests/conftest.py) without importing pytest."""
+    tree = ast.parse((ROOT / "tests" / "conftest.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "GOLDEN_QUESTIONS" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise RuntimeError("tests/conftest.py defines no GOLDEN_QUESTIONS")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the steps (each runs in a child process: python run.py --step NAME --workdir W)
+# ----------------------------------------------------------------------------------------------------------
+def step_install(work: Path) -> dict:
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(ROOT)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}")
+    return {"command": " ".join(cmd)}
+
+
+def _golden_checkpoint(work: Path) -> Path:
+    from segllm_edge.tiny import make_tiny_checkpoint
+
+    ck = work / "golden_ckpt"
+    entries = json.loads((GOLDEN / "state_dict_keys.json").read_text())["keys"]
+    make_tiny_checkpoint(ck, entries=entries, force=True)
+    shutil.copyfile(GOLDEN / "golden_config.json", ck / "config.json")
+    return ck
+
+
+def step_fidelity(work: Path) -> dict:
+    import numpy as np
+    import torch
+
+    import segllm_edge
+
+    torch.backends.cuda.matmul.allow_tf32 = False       # the golden run is fp32
+    torch.backends.cudnn.allow_tf32 = False
+    model = segllm_edge.load(_golden_checkpoint(work), backend="cuda")
+    gold = np.load(GOLDEN / "rounds.npz")
+    s = model.session(GOLDEN / "shapes_a.png")
+    rounds, ok = [], True
+    for r, q in enumerate(golden_questions(), 1):
+        res = s.ask(q)
+        want = np.unpackbits(gold[f"r{r}/final_mask_packed"]).astype(bool).reshape(1024, 1024)
+        got = np.asarray(res.model_mask, dtype=bool)
+        union = np.logical_or(got, want).sum()
+        iou = 1.0 if union == 0 else float(np.logical_and(got, want).sum() / union)
+        ref_logits = np.asarray(gold[f"r{r}/selected_query_mask_logits_256"], dtype=np.float64).reshape(256, 256)
+        logits = np.asarray(res.mask_logits, dtype=np.float64).reshape(256, 256)
+        rel = float(np.abs(logits - ref_logits).max() / max(np.abs(ref_logits).max(), 1e-12))
+        query_ok = int(res.query_index) == int(np.asarray(gold[f"r{r}/selected_fg_query_id_last"]).reshape(-1)[0])
+        passed = iou >= 0.99 and query_ok
+        ok &= passed
+        rounds.append({"round": r, "mask_iou": round(iou, 5), "query_index": int(res.query_index),
+                       "query_matches": query_ok, "mask_logits_rel_err": rel, "passed": passed,
+                       "timings_ms": {k: round(v, 2) for k, v in res.timings.items()}})
+    if not ok:
+        raise AssertionError(f"backend='cuda' differs from the research code's golden outputs: {rounds}")
+    return {"backend": getattr(model.backend, "name", "?"), "device": str(getattr(model.backend, "device", "")),
+            "rounds": rounds}
+
+
+def _cuda_ms(fn, repeats: int = 20) -> float:
+    import statistics
+
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def step_kernels(work: Path) -> dict:
+    import numpy as np
+    import torch
+
+    import segllm_edge.kernels as K
+    from segllm_edge.kernels.deform_attn import ms_deform_attn_triton
+    from segllm_edge.kernels.mask_postprocess import postprocess_mask_triton
+    from segllm_edge.modeling.hipie.deform_attn import ms_deform_attn as deform_ref
+    from segllm_edge.modeling.mask_postprocess import postprocess_mask as pp_ref
+    from segllm_edge.modeling.mask_postprocess import upsample_logits
+
+    if not K.available():
+        raise RuntimeError("segllm_edge.kernels.available() is False: triton does not import or sees no GPU")
+    dev = torch.device("cuda")
+    shapes = [(128, 128), (64, 64), (32, 32), (16, 16)]          # HIPIE-R50's levels at 1024 input
+    out, ok = {"deform_attn": [], "postprocess_mask": []}, True
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for name, lq, dtype, tol in (("encoder", sum(h * w for h, w in shapes), torch.float32, 1e-4),
+                                 ("decoder", 300, torch.float32, 1e-4), ("decoder_fp16", 300, torch.float16, 2e-2)):
+        m, d, p = 8, 32, 4
+        value = torch.randn(1, sum(h * w for h, w in shapes), m, d, generator=g).to(dev, dtype)
+        loc = (torch.rand(1, lq, m, len(shapes), p, 2, generator=g) * 1.4 - 0.2).to(dev, dtype)
+        aw = torch.rand(1, lq, m, len(shapes), p, generator=g)
+        aw = (aw / aw.sum(dim=(-1, -2), keepdim=True)).to(dev, dtype)
+        vf, lf, af = value.float(), loc.float(), aw.float()     # the reference runs in fp32 (as HIPIE does)
+        got = ms_deform_attn_triton(value, shapes, loc, aw)
+        ref = deform_ref(vf, shapes, lf, af)
+        err = float((got.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+        t_tri = _cuda_ms(lambda: ms_deform_attn_triton(value, shapes, loc, aw))
+        t_ref = _cuda_ms(lambda: deform_ref(vf, shapes, lf, af))
+        passed = err <= tol
+        ok &= passed
+        out["deform_attn"].append({"case": name, "lq": lq, "dtype": str(dtype), "rel_err": err, "tol": tol,
+                                   "triton_ms": t_tri, "torch_ms": t_ref, "torch_over_triton": t_ref / t_tri,
+                                   "passed": passed})
+    data = np.load(GOLDEN / "postprocess_cases.npz")
+    logits = torch.from_numpy(data["r1/logits"]).to(dev)
+    for input_hw, orig_hw in (((768, 1024), (480, 640)), ((1024, 683), (1536, 1024))):
+        got = postprocess_mask_triton(logits, input_hw, orig_hw)
+        ref = pp_ref(logits, input_hw, orig_hw)
+        bad = got["model_mask"] != ref["model_mask"]
+        flips_ok = (not bool(bad.any())) or float(upsample_logits(logits)[bad].abs().max()) < 1e-5
+        passed = flips_ok and torch.equal(got["mask"], ref["mask"]) and torch.equal(got["mask_box"], ref["mask_box"])
+        ok &= passed
+        t_tri = _cuda_ms(lambda: postprocess_mask_triton(logits, input_hw, orig_hw))
+        t_ref = _cuda_ms(lambda: pp_ref(logits, input_hw, orig_hw))
+        out["postprocess_mask"].append({"input_hw": input_hw, "orig_hw": orig_hw, "flipped_pixels": int(bad.sum()),
+                                        "triton_ms": t_tri, "torch_ms": t_ref, "torch_over_triton": t_ref / t_tri,
+                                        "passed": passed})
+    if not ok:
+        raise AssertionError(f"a Triton kernel differs from its reference on the GPU: {out}")
+    return out
+
+
+def step_bench(work: Path, layers: int = 32, rounds: int = 12, repeats: int = 2) -> dict:
+    import torch
+
+    import segllm_edge
+    from segllm_edge import bench as B
+    from segllm_edge.tiny import TinySizes, make_tiny_checkpoint
+
+    free = torch.cuda.mem_get_info()[0]
+    sizes = dict(FULL_7B, layers=layers)
+    llm_bf16 = layers * 202_383_360 * 2                 # attention 4*4096^2 + MLP 3*4096*11008 per layer, bf16
+    need_gpu, need_disk = llm_bf16 + 4 * 2**30, 2 * llm_bf16 + 3 * 2**30   # + CLIP-L, HIPIE; written in fp32
+    if free < need_gpu:
+        raise RuntimeError(f"the GPU has {free / 2**30:.1f} GiB free, the {layers}-layer 7B checkpoint needs "
+                           f"~{need_gpu / 2**30:.0f} GiB in bf16")
+    disk = shutil.disk_usage(work).free
+    if disk < need_disk:
+        raise RuntimeError(f"{work} has {disk / 2**30:.0f} GiB free; the fp32 checkpoint needs "
+                           f"~{need_disk / 2**30:.0f} GiB (pass --workdir)")
+    ck = work / "ck7b"
+    t0 = time.perf_counter()
+    make_tiny_checkpoint(ck, TinySizes(**sizes, clip_intermediate=4 * sizes["clip_hidden"]), shards=8, force=True)
+    built_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = segllm_edge.load(ck, backend="cuda", dtype="bfloat16")
+    load_s = time.perf_counter() - t0
+    shutil.rmtree(ck, ignore_errors=True)              # on the GPU now; free the disk
+    from segllm_edge.contracts.demo import demo_image
+
+    report = B.run_benchmark(model, demo_image(), rounds=rounds, repeats=repeats, warmup=1)
+    i = model.info
+    report.update(machine=B.machine_info(), checkpoint_flags=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in sizes.items()),
+                  build_s=built_s, load_s=load_s, backend="cuda", precision="bfloat16",
+                  model_size={"hidden": i.hidden_size, "layers": i.num_layers, "clip_hidden": i.clip_hidden},
+                  peak_gpu_bytes=torch.cuda.max_memory_allocated())
+    return report
+
+
+STEP_FUNCS = {"install": step_install, "fidelity": step_fidelity, "kernels": step_kernels, "bench": step_bench}
+
+
+def _child(step: str, work: Path, result: Path, extra: dict) -> int:
+    t0 = time.perf_counter()
+    try:
+        out = STEP_FUNCS[step](work, **extra) if step == "bench" else STEP_FUNCS[step](work)
+        rec = {"status": "passed", "result": out}
+    except ModuleNotFoundError as exc:
+        rec = {"status": "failed", "message": f"this Python lacks the module {exc.name!r} ({exc})"}
+    except Exception as exc:  # noqa: BLE001 - reported in the results
+        rec = {"status": "failed", "message": f"{type(exc).__name__}: {exc}"[:4000]}
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    result.write_text(json.dumps(rec, indent=1, default=str))
+    return 0 if rec["status"] == "passed" else 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the driver
+# ----------------------------------------------------------------------------------------------------------
+def _torch_cuda() -> tuple[bool, str]:
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed in this Python"
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        return False, f"torch {torch.__version__} ({build}) sees no CUDA device"
+    return True, f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="benchmarks/gpu/run.sh", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (checkpoints); default: a temp dir")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time budget (default 480)")
+    for s in STEPS:
+        ap.add_argument(f"--skip-{s}", action="store_true", help=f"do not run the {s} step")
+    ap.add_argument("--layers", type=int, default=32, help="LLM layers of the bench checkpoint (default 32: 7B)")
+    ap.add_argument("--rounds", type=int, default=12, help="rounds per benchmark conversation")
+    ap.add_argument("--repeats", type=int, default=2, help="benchmark repeats per mode")
+    ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)          # internal: run one step
+    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    for name in ("layers", "rounds", "repeats"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name} must be >= 1")
+    if a.budget_s <= 0:
+        ap.error("--budget-s must be > 0")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    bench_kw = {"layers": a.layers, "rounds": a.rounds, "repeats": a.repeats}
+    if a.step:
+        return _child(a.step, a.workdir, a.result, bench_kw)
+
+    t_start = time.monotonic()
+    gpu = gpu_info()
+    if gpu is None:
+        print("gpu-check: no NVIDIA GPU here (nvidia-smi is missing or lists no GPU); nothing to check",
+              file=sys.stderr)
+        return EXIT_NO_GPU
+    print(f"gpu-check: {gpu['name']} ({gpu['memory']}, driver {gpu['driver']})")
+    skips = {s for s in STEPS if getattr(a, f"skip_{s}")}
+    cuda_ok, cuda_msg = _torch_cuda() if needs_cuda(skips) else (True, "not needed (every GPU step skipped)")
+    if not cuda_ok:
+        print(f"gpu-check: {cuda_msg}; install a CUDA build of torch, or pass --skip-fidelity --skip-kernels "
+              "--skip-bench", file=sys.stderr)
+        return EXIT_NO_CUDA
+    print(f"gpu-check: {cuda_msg}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    work = a.workdir or Path(tempfile.mkdtemp(prefix="segllm-gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.pop("TRITON_INTERPRET", None)          # the kernels run on the GPU, not in the interpreter
+    steps: dict[str, dict] = {}
+    for step in STEPS:
+        run, why, timeout = plan(skips, a.budget_s, time.monotonic() - t_start, step)
+        if not run:
+            steps[step] = {"status": "skipped", "message": why}
+            print(f"gpu-check: {step}: {why}")
+            continue
+        print(f"gpu-check: {step} (at most {timeout:.0f} s) ...", flush=True)
+        res = work / f"{step}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--workdir", str(work),
+               "--result", str(res), "--layers", str(a.layers), "--rounds", str(a.rounds), "--repeats", str(a.repeats)]
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
+            rec = json.loads(res.read_text()) if res.is_file() else {
+                "status": "failed", "message": f"exited {p.returncode}: {(p.stderr or p.stdout)[-2000:]}"}
+        except subprocess.TimeoutExpired:
+            rec = {"status": "timeout", "message": f"killed after {timeout:.0f} s (its cap)"}
+        rec.setdefault("seconds", round(time.monotonic() - t0, 2))
+        steps[step] = rec
+        print(f"gpu-check: {step}: {rec['status']} in {rec['seconds']:.0f} s"
+              + (f" -- {rec['message'][:300]}" if rec.get("message") else ""), flush=True)
+    if a.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    report = {"gpu": gpu, "torch": cuda_msg, "budget_s": a.budget_s, "total_s": round(time.monotonic() - t_start, 1),
+              "steps": steps, "python": sys.version.split()[0], "note": "measured by benchmarks/gpu/run.sh"}
+    path = a.out / f"{time.strftime('%Y%m%d-%H%M%S')}_gpu_{slug(gpu['name'])}.json"
+    path.write_text(json.dumps(report, indent=1, default=str))
+    print(f"gpu-check: results in {path} ({report['total_s']:.0f} s)")
+    return EXIT_FAILED if any(s["status"] in ("failed", "timeout") for s in steps.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
