@@ -28,7 +28,8 @@ from .errors import BackendError, ImageError, SegLLMError, SessionError
 from .contracts.serving import (ALWAYS_OUTPUTS, IN_CONVERSATION, IN_END, IN_IMAGE, IN_QUESTION, IN_REFS, IN_START,
                                 IN_ROUND, IN_WANT_MASK_LOGITS, OUT_BOX, OUT_CONTEXT_TOKENS, OUT_CONVERSATION, OUT_MASK,
                                 OUT_MASK_LOGITS, OUT_MEMORY, OUT_MODEL_BOX, OUT_MODEL_MASK, OUT_NEW_TOKENS,
-                                OUT_QUERY_INDEX, OUT_ROUND, OUT_SCORE, OUT_TIMINGS, SERVING_TIMINGS, TIMINGS_CALLS)
+                                OUT_QUERY_INDEX, OUT_ROUND, OUT_SCORE, OUT_TIMINGS, SERVING_TIMINGS, TIMINGS_CALLS,
+                                TIMINGS_IN_PROCESS)
 from .serving.wire import ERROR_CLASSES, decode_mask_png, parse_bracketed
 
 #: seconds a request may take before the client gives up (a HIPIE round on a CPU is seconds)
@@ -79,7 +80,7 @@ def round_result(get, text: str, refs: tuple[int, ...], rtt_ms: float = 0.0,
         return get(name).reshape(-1)[0]
 
     timings = json.loads(one(OUT_TIMINGS) or b"{}")
-    serving = {k: timings.pop(k) for k in (*SERVING_TIMINGS, TIMINGS_CALLS) if k in timings}
+    serving = {k: timings.pop(k) for k in (*SERVING_TIMINGS, TIMINGS_CALLS, TIMINGS_IN_PROCESS) if k in timings}
     serving["client_round_trip"] = rtt_ms
     if "bls_total" in serving:
         serving["transport"] = max(0.0, rtt_ms - serving["bls_total"])

@@ -130,9 +130,12 @@ def test_repository_loaded(server, client):
     import tritonclient.grpc as g
 
     c = g.InferenceServerClient(server.grpc_url)
-    for m in ("segllm", "segllm_short", "encode_image", "preprocess", "vision_encoder", "mask_encoder", "llm",
-              "seg_head", "mask_backbone", "mask_decoder"):
+    for m in ("segllm", "segllm_short", "encode_image", "preprocess", "seg_head", "mask_backbone", "mask_decoder"):
         assert c.is_model_ready(m), m
+    from segllm_edge.contracts.serving import BLS_GRAPHS
+
+    for m in BLS_GRAPHS:      # the BLS runs them itself: no stub holds a second copy of their weights
+        assert not c.is_model_ready(m), m
     cfg = c.get_model_config("segllm", as_json=True)["config"]
     assert "sequence_batching" not in cfg and cfg.get("max_batch_size", 0) == 0   # conversations are the model's own
     params = {k: v["string_value"] for k, v in cfg["parameters"].items()}
@@ -231,6 +234,10 @@ def test_three_rounds_match_in_process_runtime_and_bad_reference(client, server,
         t = r.serving
         assert {"bls_total", "bls_overhead", "bls_model_calls", "client_round_trip", "transport"} <= set(t)
         assert t["client_round_trip"] >= t["bls_total"] > 0 and "mask_decoder" in t["calls"]
+        # the KV cache never crossed a process boundary: the llm ran in the BLS process, no model was called for it
+        assert "llm" in t["in_process"] and "llm" not in t["calls"], t
+        assert set(t["calls"]) <= {"seg_head", "mask_backbone", "mask_decoder"}, t["calls"]
+    assert "vision_encoder" in r1.serving["in_process"] and "mask_encoder" in r2.serving["in_process"]
     assert {"preprocess", "vision_encoder", "mask_backbone"} <= set(r1.timings)
     assert "vision_encoder" not in r2.timings
     print(f"\nround timings over Triton (ms): " + "; ".join(
@@ -329,16 +336,10 @@ def test_limits_and_failed_starts_never_hold_capacity(server, images):
 def test_internal_graph_models_are_bounded(server):
     from segllm_edge.errors import BackendError, LimitError
 
-    with pytest.raises(LimitError, match="axis 'batch' of input 'pixel_values' is 2, over its limit of 1"):
-        _raw(server, "vision_encoder", pixel_values=np.zeros((2, 3, 224, 224), np.float32))
     with pytest.raises(BackendError, match="unexpected shape"):          # fixed dims: Triton checks them itself
-        _raw(server, "vision_encoder", pixel_values=np.zeros((1, 3, 500, 500), np.float32))
+        _raw(server, "mask_backbone", image=np.zeros((1, 3, 500, 500), np.float32))
     with pytest.raises(LimitError, match="axis 'n'"):
         _raw(server, "seg_head", hidden=np.zeros((2, 128), np.float32))
-    past = {f"past_key_values.{i}.{kv}": np.zeros((1, 4, 2048, 32), np.float32) for i in range(2)
-            for kv in ("key", "value")}
-    with pytest.raises(LimitError, match="past 2048 \\+ seq 1 tokens is over the context of 2048"):
-        _raw(server, "llm", inputs_embeds=np.zeros((1, 1, 128), np.float32), **past)
 
 
 def test_remote_session_is_thread_safe(client, images, reference):
@@ -422,7 +423,15 @@ def test_generated_repository_follows_the_manifest(export_dir, tmp_path):
     py = generate_repository(export_dir, tmp_path / "py")
     kinds = describe_repository(py)
     assert kinds["encode_image"] == "ensemble" and kinds["segllm"] == "python"
+    from segllm_edge.contracts.serving import BLS_GRAPHS
+
+    for name in BLS_GRAPHS:         # run inside the BLS: no model, and no config carries the KV cache
+        assert name not in kinds and not (py / name).exists()
+    assert not any("past_key_values" in (py / k / "config.pbtxt").read_text() for k in kinds)
+    assert 'model_name: "vision_encoder"' not in (py / "encode_image" / "config.pbtxt").read_text()
     for name, g in m.graphs.items():
+        if name in BLS_GRAPHS:
+            continue
         assert kinds[name] == "python"
         cfg = read_config(py / name)                                   # Triton's own schema
         assert [t.name for t in cfg.input] == [t.name for t in g.inputs]
@@ -445,7 +454,11 @@ def test_generated_repository_follows_the_manifest(export_dir, tmp_path):
     ngc = generate_repository(fake, tmp_path / "ngc", target="ngc")
     kinds = describe_repository(ngc)
     assert kinds["seg_head"] == "tensorrt_plan" and (ngc / "seg_head" / "1" / "model.plan").is_file()
+    for name in BLS_GRAPHS:         # shipped to the BLS model instead
+        assert name not in kinds and (ngc / "segllm" / "1" / "export" / m.graphs[name].file).is_file()
     for name, g in m.graphs.items():
+        if name in BLS_GRAPHS:
+            continue
         if name != "seg_head":
             assert kinds[name] == "onnxruntime_onnx" and (ngc / name / "1" / "model.onnx").is_file()
         cfg = read_config(ngc / name)

@@ -8,8 +8,13 @@ triton_models/README.md.
 from __future__ import annotations
 
 BLS_MODEL = "segllm"
-ENCODE_IMAGE = "encode_image"      # the ensemble: preprocess → vision_encoder + mask_backbone
+ENCODE_IMAGE = "encode_image"      # the ensemble: preprocess → mask_backbone
 PREPROCESS_MODEL = "preprocess"
+#: the graphs the segllm BLS process runs itself with onnxruntime (segllm_edge.serving.bls_graphs): the llm,
+#: so a conversation's KV cache never leaves the process that holds the conversation, and both CLIP graphs,
+#: whose common weights (the CLIP tower, mm_projector) that process holds once. The repository has no model
+#: for them.
+BLS_GRAPHS = ("llm", "vision_encoder", "mask_encoder")
 
 # the segllm BLS model's request tensor names (clients and the BLS model use these, never the literals) ...
 IN_START, IN_END, IN_CONVERSATION, IN_IMAGE = "start", "end", "conversation", "image"
@@ -50,9 +55,10 @@ OUTPUT_NAMES = tuple(t[0] for t in BLS_OUTPUTS)
 #: the outputs every response carries (mask_logits only when asked for)
 ALWAYS_OUTPUTS = tuple(n for n in OUTPUT_NAMES if n != OUT_MASK_LOGITS)
 #: keys of the ``timings`` JSON that are the serving layer's, not stages of the round (segllm_edge.runtime.profiler)
-SERVING_TIMINGS = ("bls_model_calls", "bls_total", "bls_overhead",
+SERVING_TIMINGS = ("bls_model_calls", "bls_in_process", "bls_total", "bls_overhead",
                    "state_bytes", "state_save_ms", "state_write_ms")   # the durable state's write (serve --state-dir)
 TIMINGS_CALLS = "calls"      # ... and the per-model call times, a nested {model: ms}
+TIMINGS_IN_PROCESS = "in_process"   # ... and the BLS_GRAPHS' times in the BLS process, a nested {graph: ms}
 
 #: preprocess (and the encode_image ensemble): encoded image bytes in ...
 IMAGE_BYTES = ("image", "TYPE_STRING", [1])
@@ -61,6 +67,8 @@ PIXEL_VALUES, HIPIE_IMAGE = "pixel_values", "hipie_image"
 #: ... and what the ensemble passes through to the BLS model besides the graphs' outputs
 PREPROCESS_PASSTHROUGH = ("resized_padded", "input_hw")
 PREPROCESS_OUTPUTS = (PIXEL_VALUES, HIPIE_IMAGE, *PREPROCESS_PASSTHROUGH)
+#: what the encode_image ensemble returns besides mask_backbone's features (the BLS runs CLIP on the pixels)
+ENCODE_IMAGE_PASSTHROUGH = (PIXEL_VALUES, *PREPROCESS_PASSTHROUGH)
 
 # config.pbtxt parameters
 PARAM_EXPORT_DIR = "segllm_export_dir"            # BLS: the export folder
@@ -74,5 +82,5 @@ PARAM_STATE_MAX_TOTAL_BYTES = "segllm_state_max_total_bytes"  # BLS: stored byte
 PARAM_AXES = "segllm_input_axes"          # graph models: JSON {input: [dim or axis name, ...]} (the manifest's)
 PARAM_AXIS_LIMITS = "segllm_axis_limits"  # graph models: JSON {axis: max} (segllm_edge.limits.graph_axis_limits)
 PARAM_GRAPH_FILE = "segllm_graph_file"            # graph models: the .onnx file
-PARAM_THREADS = "segllm_threads"
+PARAM_THREADS = "segllm_threads"                  # graph models and the BLS (its in-process graphs)
 PARAM_CLIP_SIZE = "segllm_clip_image_size"        # preprocess

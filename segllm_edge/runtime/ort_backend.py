@@ -13,6 +13,7 @@ from ..contracts.precisions import numpy_dtype
 from ..errors import BackendError, CheckpointError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from .kv_cache import HostKVCache
+from .shared_weights import CLIP_GRAPHS, open_sessions_sharing_weights
 
 
 class OrtBackend:
@@ -55,14 +56,19 @@ class OrtBackend:
             if not files["mask_decoder"].is_file():
                 raise CheckpointError(f"{export.folder} has no {files['mask_decoder'].name}: write it with "
                                       "`segllm_edge.export.hipie_quant.quantize_hipie_int8`")
-        sessions = {}
+        sessions, shared = {}, None
+        if session_options is None and all(g in files for g in CLIP_GRAPHS):   # CLIP held once for both graphs
+            sessions, shared = open_sessions_sharing_weights({g: files[g] for g in CLIP_GRAPHS},
+                                                             lambda: ortc.session_options(threads), provs)
         for name, g in export.manifest.graphs.items():
-            sessions[name] = ortc.open_session(files[name], opts, provs, name)
+            if name not in sessions:
+                sessions[name] = ortc.open_session(files[name], opts, provs, name)
             got = [i.name for i in sessions[name].get_inputs()]
             want = [t.name for t in g.inputs]
             if got != want:
                 raise CheckpointError(f"graph {g.file} has inputs {got}, the manifest says {want}: re-export")
         backend = cls.from_sessions(export, sessions)
+        backend.shared_weights = shared     # the buffers under the CLIP sessions: alive as long as they are
         if hipie_int8:
             backend.precision = f"{export.manifest.precision}+hipie-int8"
         return backend

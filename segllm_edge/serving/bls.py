@@ -7,9 +7,10 @@ Layers, each testable without Triton:
   Inside Triton ``call`` is :func:`pb_utils_caller` (``pb_utils.InferenceRequest(...).exec()``);
   in unit tests it is :class:`InProcessCaller`, which runs the same model classes in-process.
   Token embeddings are a table lookup done in the BLS process (the manifest's ``embed_tokens``
-  array, memory-mapped); the KV cache is a :class:`~segllm_edge.runtime.kv_cache.HostKVCache`
-  held in the BLS process and sent with every ``llm`` call (the llm model stays stateless, so
-  every conversation shares its instances).
+  array, memory-mapped). The ``llm`` and both CLIP graphs (:data:`~segllm_edge.contracts.serving.BLS_GRAPHS`)
+  run in the BLS process itself (:class:`~segllm_edge.serving.bls_graphs.BlsGraphs`): each
+  conversation's KV cache never crosses a process boundary, and CLIP is held once; the other
+  graphs are models called through ``call``.
 * :class:`BlsSession` is :class:`~segllm_edge.runtime.session.Session` on the encoded image bytes, with the
   Session's own stages (so a remote round reports the local stage names). The ``encode_image`` ensemble
   stays in the repository for clients that want image features alone.
@@ -32,7 +33,7 @@ import numpy as np
 
 from ..contracts.export_folder import open_export
 from ..contracts.manifest import kv_names
-from ..contracts.serving import (IN_CONVERSATION, IN_END, IN_IMAGE, IN_QUESTION, IN_REFS, IN_START,
+from ..contracts.serving import (BLS_GRAPHS, PARAM_THREADS, TIMINGS_IN_PROCESS, IN_CONVERSATION, IN_END, IN_IMAGE, IN_QUESTION, IN_REFS, IN_START,
                                  IN_WANT_MASK_LOGITS, OUT_BOX, OUT_CONTEXT_TOKENS, OUT_CONVERSATION, OUT_MASK,
                                  OUT_MASK_LOGITS, OUT_MEMORY, OUT_MODEL_BOX, OUT_MODEL_MASK, OUT_NEW_TOKENS,
                                  OUT_QUERY_INDEX, OUT_ROUND, OUT_SCORE, OUT_TIMINGS, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR,
@@ -56,7 +57,9 @@ Caller = Callable[[str, Mapping[str, np.ndarray], Sequence[str]], dict]
 # the Backend over model calls
 # --------------------------------------------------------------------------------------------
 class TritonBlsBackend:
-    """Backend protocol on top of per-graph models reached through ``call``.
+    """Backend protocol on top of per-graph models reached through ``call``, with the graphs of
+    :data:`~segllm_edge.contracts.serving.BLS_GRAPHS` run in this process (``local``: a
+    :class:`~segllm_edge.serving.bls_graphs.BlsGraphs`, opened from the export unless given).
 
     Tensor names come from the export's manifest (never listed here); only the model names
     (= manifest graph names) are fixed.
@@ -64,8 +67,13 @@ class TritonBlsBackend:
 
     name = "triton-bls"
 
-    def __init__(self, export_dir: str | Path, call: Caller):
+    def __init__(self, export_dir: str | Path, call: Caller, local=None, threads: int | None = None):
         export = open_export(export_dir)
+        if local is None:
+            from .bls_graphs import BlsGraphs
+
+            local = BlsGraphs(export, threads)
+        self.local = local
         self.folder = export.folder
         self.manifest = export.manifest
         self.info = export.info
@@ -76,13 +84,18 @@ class TritonBlsBackend:
         g = self.manifest.graphs
         self._io = {n: ([t.name for t in s.inputs], [t.name for t in s.outputs], {t.name: np.dtype(t.dtype) for t in s.inputs})
                     for n, s in g.items()}
-        self.call_ms: dict[str, float] = {}    # time spent waiting on model calls (BLS overhead = rest)
+        self.call_ms: dict[str, float] = {}    # time spent waiting on model calls
+        self.local_ms: dict[str, float] = {}   # time spent running BLS_GRAPHS here (BLS overhead = the rest)
 
     # -- helpers -------------------------------------------------------------------------------
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         ins, outs, dts = self._io[graph]
         feeds = {k: np.ascontiguousarray(v, dtype=dts[k]) for k, v in feeds.items()}
         t0 = time.perf_counter()
+        if graph in self.local:
+            got = self.local.run(graph, feeds, outs)
+            self.local_ms[graph] = self.local_ms.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
+            return got
         got = self.call(graph, feeds, outs)
         self.call_ms[graph] = self.call_ms.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
         return [got[o] for o in outs]
@@ -101,12 +114,20 @@ class TritonBlsBackend:
 
     def new_cache(self):
         dt = self._io["llm"][2][self._past[0]]
+        if getattr(self.local, "bind_kv", False):     # device buffers (IOBinding), see bls_graphs
+            return self.local.new_cache(self.info, dt)
         return HostKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dtype=dt)
 
     def llm(self, embeds, cache):
         keep = cache is not None
         if cache is None:
             cache = self.new_cache()
+        if getattr(self.local, "bind_kv", False):
+            ins, outs, dts = self._io["llm"]
+            t0 = time.perf_counter()
+            hidden = self.local.llm_bound(np.ascontiguousarray(embeds, dtype=dts[ins[0]]), cache, ins, outs)
+            self.local_ms["llm"] = self.local_ms.get("llm", 0.0) + (time.perf_counter() - t0) * 1e3
+            return hidden
         emb_name = self._io["llm"][0][0]
         feeds = {emb_name: embeds}
         feeds.update(zip(self._past, cache.arrays))
@@ -304,7 +325,7 @@ class ConversationService:
     def handle(self, inputs: dict, ctx: RequestContext | None = None) -> dict:
         t_start = time.perf_counter()
         backend = self.backend
-        backend.call_ms = {}
+        backend.call_ms, backend.local_ms = {}, {}
         if self.durable is not None:
             self.durable.last_write = {}
         start, end = _flag(inputs.get(IN_START)), _flag(inputs.get(IN_END))
@@ -356,9 +377,11 @@ class ConversationService:
         total = (time.perf_counter() - t_start) * 1e3
         timings = dict(result.timings)
         timings["bls_model_calls"] = sum(backend.call_ms.values())
+        timings["bls_in_process"] = sum(backend.local_ms.values())
         timings["bls_total"] = total
-        timings["bls_overhead"] = max(0.0, total - timings["bls_model_calls"])
+        timings["bls_overhead"] = max(0.0, total - timings["bls_model_calls"] - timings["bls_in_process"])
         timings[TIMINGS_CALLS] = dict(backend.call_ms)
+        timings[TIMINGS_IN_PROCESS] = dict(backend.local_ms)
         if self.durable is not None:
             timings.update(self.durable.last_write)
         return round_response(result, token, timings, want_logits=_flag(inputs.get(IN_WANT_MASK_LOGITS)))
@@ -472,7 +495,8 @@ def host_array(tensor, model: str, name: str) -> np.ndarray:
 
 class InProcessCaller:
     """Runs the repository's model classes in this process (tests, debugging): the same code paths
-    as Triton minus the transport."""
+    as Triton minus the transport. Like the repository it has no model for
+    :data:`~segllm_edge.contracts.serving.BLS_GRAPHS`."""
 
     def __init__(self, export_dir: str | Path, threads: int | None = None):
         from ..contracts.manifest import Manifest
@@ -483,6 +507,8 @@ class InProcessCaller:
         manifest = Manifest.load(folder)
         self.models: dict[str, PythonModel] = {}
         for name, g in manifest.graphs.items():
+            if name in BLS_GRAPHS:
+                continue
             m = OrtGraphModel()
             m.setup(graph_model_config_dict(g, folder / g.file, threads, int(manifest.model["max_context"])))
             self.models[name] = m
@@ -512,15 +538,16 @@ class SegLLMBlsModel(PythonModel):
         idle = float(self.params.get(PARAM_IDLE_TIMEOUT) or 600)
         cap = int(self.params.get(PARAM_MAX_CONVERSATIONS) or 8)
         budget = int(self.params.get(PARAM_MAX_SESSION_BYTES) or 0) or None
+        threads = int(self.params.get(PARAM_THREADS) or 0) or None
         caller = self.caller
         from .state_store import open_store
 
         store = open_store(self.params.get(PARAM_STATE_DIR) or None, self.params.get(PARAM_REDIS_URL) or None, idle,
                            int(self.params.get(PARAM_STATE_MAX_BYTES) or 0) or None,
                            int(self.params.get(PARAM_STATE_MAX_TOTAL_BYTES) or 0) or None)
-        self.service = ConversationService(lambda: TritonBlsBackend(export_dir, caller), cap, idle,
+        self.service = ConversationService(lambda: TritonBlsBackend(export_dir, caller, threads=threads), cap, idle,
                                            max_session_bytes=budget, state_store=store)
-        self.service.backend  # load tokenizer/manifest now: fail at model load, not at the first request
+        self.service.backend  # load tokenizer, manifest and the in-process graphs now: fail at model load
 
     def infer(self, inputs: dict, ctx: RequestContext) -> dict:
         return self.service.handle(inputs, ctx)

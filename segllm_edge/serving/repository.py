@@ -5,8 +5,9 @@
 * the export itself, once, in ``segllm/1/export/`` (manifest, graphs and their external weights,
   tokenizer, arrays), hard-linked from the export folder where the file system allows (else copied);
 
-* one model per manifest graph, named after the graph, with the manifest's tensor names/dtypes
-  (``str`` dimensions become ``-1``):
+* one model per manifest graph except those the BLS runs itself (``BLS_GRAPHS``: llm, vision_encoder,
+  mask_encoder), named after the graph, with the manifest's tensor names/dtypes (``str`` dimensions
+  become ``-1``):
 
   - ``target="python"``: a python-backend model (:class:`~segllm_edge.serving.models.OrtGraphModel`)
     running onnxruntime on ``../segllm/1/export/<graph>.onnx`` (relative to its model folder);
@@ -16,8 +17,9 @@
     instance kind ``KIND_AUTO`` (loads on CPU-only and GPU servers);
 
 * ``preprocess`` (python): encoded image bytes → CLIP pixels, HIPIE input, padded image, sizes;
-* ``encode_image`` (ensemble, stateless): preprocess → vision_encoder + mask_backbone;
-* ``segllm`` (python BLS, one instance): the round loop, one conversation per server-drawn token.
+* ``encode_image`` (ensemble, stateless): preprocess → mask_backbone (+ the CLIP pixels passed through);
+* ``segllm`` (python BLS, one instance): the round loop, one conversation per server-drawn token; it runs
+  the llm (KV caches in its own memory) and CLIP (held once for both CLIP graphs) itself.
 
 The python graph models check every request against the manifest's shapes with the symbolic
 axes bounded (:func:`segllm_edge.limits.graph_axis_limits`) before onnxruntime runs.
@@ -34,7 +36,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from ..contracts.serving import (BLS_INPUTS, BLS_MODEL, BLS_OUTPUTS, ENCODE_IMAGE as ENSEMBLE_MODEL, HIPIE_IMAGE,
+from ..contracts.serving import (BLS_GRAPHS, ENCODE_IMAGE_PASSTHROUGH, BLS_INPUTS, BLS_MODEL, BLS_OUTPUTS, ENCODE_IMAGE as ENSEMBLE_MODEL, HIPIE_IMAGE,
                                  IMAGE_BYTES, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR, PARAM_GRAPH_FILE, PARAM_IDLE_TIMEOUT,
                                  PARAM_AXES, PARAM_AXIS_LIMITS, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES,
                                  PARAM_THREADS, PIXEL_VALUES, PREPROCESS_MODEL, PREPROCESS_PASSTHROUGH)
@@ -86,9 +88,9 @@ def graph_model_config_dict(graph, graph_file, threads: int | None = None, max_c
 
 
 def _ensemble_config(manifest):
-    vis, bb = manifest.graphs["vision_encoder"], manifest.graphs["mask_backbone"]
+    bb = manifest.graphs["mask_backbone"]
     pre_out = {t.name: t for t in _preprocess_outputs(manifest)}
-    outputs = [_spec(t) for t in (*vis.outputs, *bb.outputs)] + [pre_out[n] for n in PREPROCESS_PASSTHROUGH]
+    outputs = [_spec(t) for t in bb.outputs] + [pre_out[n] for n in ENCODE_IMAGE_PASSTHROUGH]
     cfg = mc.new_config(ENSEMBLE_MODEL, platform="ensemble")
     mc.add_tensors(cfg, "input", triton_specs([IMAGE_BYTES]))
     mc.add_tensors(cfg, "output", triton_specs(outputs))
@@ -99,7 +101,6 @@ def _ensemble_config(manifest):
         s.output_map.update({n: n for n in outs})
 
     step(PREPROCESS_MODEL, {"image": "image"}, pre_out)
-    step("vision_encoder", {vis.inputs[0].name: PIXEL_VALUES}, [t.name for t in vis.outputs])
     step("mask_backbone", {bb.inputs[0].name: HIPIE_IMAGE}, [t.name for t in bb.outputs])
     return cfg
 
@@ -218,6 +219,8 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
     shipped = place_export(export, manifest, repo / BLS_MODEL / BLS_EXPORT)
 
     for g in manifest.graphs.values():
+        if g.name in BLS_GRAPHS:      # run inside the BLS (serving/bls_graphs.py): no model of their own
+            continue
         if target == "python":
             graph_file = Path("..") / BLS_MODEL / BLS_EXPORT / g.file     # relative to the graph's model folder
             write_python_model(repo, g.name, f"{ENTRY}.models:OrtGraphModel",
@@ -235,7 +238,8 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
     (repo / ENSEMBLE_MODEL / "1").mkdir(parents=True, exist_ok=True)
     mc.write_config(repo / ENSEMBLE_MODEL, _ensemble_config(manifest))
     write_bls_model(repo, max_conversations=max_conversations, idle_timeout_s=idle_timeout_s,
-                    instance_count=instance_count, sys_path=sys_path, extra_parameters=bls_parameters)
+                    instance_count=instance_count, sys_path=sys_path,
+                    extra_parameters={PARAM_THREADS: str(threads or 0), **(bls_parameters or {})})
     return repo
 
 

@@ -10,7 +10,7 @@
   (``connect(url, ssl=True, root_certificates=cert.pem)``). Triton's HTTP endpoint has no TLS: keep
   it on a loopback ``--address`` or put a TLS proxy in front.
 
-The per-graph models (``vision_encoder``, ``llm``, ...) are reachable by whoever may call
+The per-graph models (``seg_head``, ``mask_decoder``, ...) are reachable by whoever may call
 inference, as Triton has no per-model access control; their python models check every request
 against the manifest's shapes with bounded axes (:func:`segllm_edge.limits.graph_axis_limits`), so a
 caller can make them do no more work than one round does.

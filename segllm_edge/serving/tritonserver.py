@@ -526,22 +526,56 @@ class TritonServer:
         return (": " + " | ".join(errs[:5])) if errs else ""
 
     def memory(self) -> dict[str, int]:
-        """Resident memory in bytes: ``server`` (tritonserver), ``stubs`` (its python-backend stub processes)."""
+        """Memory in bytes: ``server`` / ``stubs`` resident (RSS: tritonserver, its python-backend stub
+        processes), ``server_pss`` / ``stubs_pss`` / ``pss`` proportional (PSS, ``/proc/PID/smaps_rollup``:
+        shared pages divided among the processes sharing them, so the sum over processes is what they hold)."""
         if not self.is_alive():
             raise TritonServerError("server not running")
         pid = self.pid
         kids = _descendants(pid)
-        return {"server": _rss(pid), "stubs": sum(_rss(k) for k in kids), "stub_count": len(kids)}
+        server_pss, stubs_pss = _pss(pid), sum(_pss(k) for k in kids)
+        return {"server": _rss(pid), "stubs": sum(_rss(k) for k in kids), "stub_count": len(kids),
+                "server_pss": server_pss, "stubs_pss": stubs_pss, "pss": server_pss + stubs_pss}
+
+    def process_memory(self) -> list[dict]:
+        """Per process (tritonserver, then each stub named by its model folder): ``pid``, ``model``, ``rss``, ``pss``."""
+        if not self.is_alive():
+            raise TritonServerError("server not running")
+        out = []
+        for p in [self.pid, *_descendants(self.pid)]:
+            out.append({"pid": p, "model": "tritonserver" if p == self.pid else _stub_model(p),
+                        "rss": _rss(p), "pss": _pss(p)})
+        return out
 
 
-def _rss(pid: int) -> int:
+def _kib_line(path: str, key: str) -> int:
+    """Bytes of the ``key: N kB`` line of a /proc file (0 when the process is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def _rss(pid: int) -> int:
+    return _kib_line(f"/proc/{pid}/status", "VmRSS:")
+
+
+def _pss(pid: int) -> int:
+    return _kib_line(f"/proc/{pid}/smaps_rollup", "Pss:")
+
+
+def _stub_model(pid: int) -> str:
+    """The model folder a python-backend stub serves (its first argument is ``<repo>/<model>/<version>/model.py``)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    path = next((a.decode(errors="replace") for a in args[1:] if a.endswith(b".py")), "")
+    parts = Path(path).parts
+    return parts[-3] if len(parts) >= 3 else (Path(args[0].decode(errors="replace")).name if args else "?")
 
 
 def _descendants(pid: int) -> list[int]:
