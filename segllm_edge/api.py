@@ -37,6 +37,22 @@ class SegLLM:
         return Session(self.backend, image, reuse=reuse, trace=trace, max_kv_bytes=max_kv_bytes,
                        max_bytes=max_bytes)
 
+    def save(self, session) -> bytes:
+        """``session``'s durable part as bytes (image, questions, references, masks, boxes; not the KV cache):
+        :meth:`restore` continues it, here or in another process (:mod:`segllm_edge.runtime.session_state`)."""
+        from .runtime.session_state import save_session
+
+        return save_session(session)
+
+    def restore(self, state: bytes, trace: bool = False, max_kv_bytes: int | None = None,
+                max_bytes: int | None = None):
+        """Continue a conversation saved with :meth:`save` (SessionStateError for a state of another
+        model/export, or a truncated/corrupt one): the image is encoded again and the KV cache rebuilt with
+        one prefill; the next round is the one the saved session would have answered."""
+        from .runtime.session_state import restore_session
+
+        return restore_session(state, self.backend, trace=trace, max_kv_bytes=max_kv_bytes, max_bytes=max_bytes)
+
     def __repr__(self) -> str:
         i = self.info
         path = getattr(self.backend, "cpu_path", None)  # set when load() chose the CPU path itself

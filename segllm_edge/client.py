@@ -8,6 +8,9 @@ request carries (nothing else identifies a conversation); :meth:`RemoteSession.c
 (restart, idle timeout) raises :class:`~segllm_edge.errors.SessionError` -- never a wrong mask.
 A :class:`RemoteSession` may be shared between threads (its rounds run one at a time).
 Every request has a deadline (``timeout_s``, default :data:`DEFAULT_TIMEOUT_S`).
+While no server answers (a restart; ``serve --state-dir/--redis-url`` keeps the conversations) a request
+is retried with bounded exponential backoff (``retry``, default about a minute: :mod:`.retry`);
+errors a retry cannot fix are raised at once.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import numpy as np
 from . import limits
 from .errors import BackendError, ImageError, SegLLMError, SessionError
 from .contracts.serving import (ALWAYS_OUTPUTS, IN_CONVERSATION, IN_END, IN_IMAGE, IN_QUESTION, IN_REFS, IN_START,
-                                IN_WANT_MASK_LOGITS, OUT_BOX, OUT_CONTEXT_TOKENS, OUT_CONVERSATION, OUT_MASK,
+                                IN_ROUND, IN_WANT_MASK_LOGITS, OUT_BOX, OUT_CONTEXT_TOKENS, OUT_CONVERSATION, OUT_MASK,
                                 OUT_MASK_LOGITS, OUT_MEMORY, OUT_MODEL_BOX, OUT_MODEL_MASK, OUT_NEW_TOKENS,
                                 OUT_QUERY_INDEX, OUT_ROUND, OUT_SCORE, OUT_TIMINGS, SERVING_TIMINGS, TIMINGS_CALLS,
                                 TIMINGS_IN_PROCESS)
@@ -149,10 +152,14 @@ class SegLLMClient:
     (``serve --tls-cert/--tls-key``)."""
 
     def __init__(self, url: str = "localhost:8001", model: str = "segllm", timeout_s: float | None = None,
-                 api_key: str | None = None, ssl: bool = False, root_certificates: str | None = None):
+                 api_key: str | None = None, ssl: bool = False, root_certificates: str | None = None, retry=None):
         import tritonclient.grpc as grpcclient
 
+        from .retry import policy
         from .serving.security import grpc_headers
+
+        self.retry = policy(retry)
+        self._tls = dict(ssl=ssl, root_certificates=root_certificates)
 
         self.url = url
         self.model = model
@@ -182,7 +189,7 @@ class SegLLMClient:
         self.close()
 
     # -- transport ------------------------------------------------------------------------------
-    def _infer(self, arrays: dict, outputs=ALWAYS_OUTPUTS):
+    def _infer(self, arrays: dict, outputs=ALWAYS_OUTPUTS, retry: bool = True):
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
         g = self._grpc
@@ -192,11 +199,20 @@ class SegLLMClient:
             t.set_data_from_numpy(a)
             inputs.append(t)
         outs = [g.InferRequestedOutput(n) for n in outputs]
-        try:
-            return self._client.infer(self.model, inputs, outputs=outs, headers=self.headers,
-                                      client_timeout=self.timeout_s)
-        except InferenceServerException as exc:
-            raise map_error(exc) from None
+        from .retry import retryable
+
+        delays = self.retry.delays() if retry else iter(())
+        while True:
+            try:
+                return self._client.infer(self.model, inputs, outputs=outs, headers=self.headers,
+                                          client_timeout=self.timeout_s)
+            except InferenceServerException as exc:
+                delay = next(delays, None) if retryable(exc) else None
+                if delay is None:
+                    raise map_error(exc) from None
+            time.sleep(delay)
+            self._client.close()        # a fresh channel: gRPC's own reconnect backoff would wait longer
+            self._client = g.InferenceServerClient(self.url, **self._tls)
 
 
 def _bytes1(b: bytes) -> np.ndarray:
@@ -212,6 +228,7 @@ class RemoteSession:
         self.conversation = conversation      # the server's token, after the first round
         self.closed = False
         self.results: list[RemoteRoundResult] = []
+        self._next_round = 1 if conversation is None else None   # unknown for a conversation opened elsewhere
         self._lock = threading.RLock()
 
     @property
@@ -240,6 +257,8 @@ class RemoteSession:
                 arrays[IN_IMAGE] = _bytes1(self.image)
             else:
                 arrays[IN_CONVERSATION] = _bytes1(self.conversation.encode())
+                if self._next_round is not None:   # a retried round is answered again, never run twice
+                    arrays[IN_ROUND] = np.array([self._next_round], dtype=np.int32)
             t0 = time.perf_counter()
             r = self.client._infer(arrays, outputs)
             rtt = (time.perf_counter() - t0) * 1e3
@@ -248,6 +267,8 @@ class RemoteSession:
             merged = list(refs) + [x for x in inline if x not in refs]
             res = round_result(r.as_numpy, text, tuple(int(x) for x in merged), rtt, mask_logits)
             self.results.append(res)
+            if self._next_round is not None:
+                self._next_round = res.round + 1
             return res
 
     def close(self) -> None:
@@ -255,7 +276,8 @@ class RemoteSession:
         with self._lock:
             if not self.closed and self.conversation is not None:
                 try:
-                    self.client._infer({IN_END: np.array([True]), IN_CONVERSATION: _bytes1(self.conversation.encode())})
+                    self.client._infer({IN_END: np.array([True]), IN_CONVERSATION: _bytes1(self.conversation.encode())},
+                                       retry=False)    # a close does not wait for a server to come back
                 except SegLLMError:
                     pass
             self.closed = True
@@ -268,7 +290,10 @@ class RemoteSession:
 
 
 def connect(url: str = "localhost:8001", model: str = "segllm", timeout_s: float | None = None,
-            api_key: str | None = None, ssl: bool = False, root_certificates: str | None = None) -> SegLLMClient:
-    """A client for a SegLLM Triton server's gRPC endpoint (``host:port``); see :class:`SegLLMClient`."""
+            api_key: str | None = None, ssl: bool = False, root_certificates: str | None = None,
+            retry=None) -> SegLLMClient:
+    """A client for a SegLLM Triton server's gRPC endpoint (``host:port``); see :class:`SegLLMClient`.
+    ``retry``: how long to retry while no server answers -- seconds, a
+    :class:`~segllm_edge.retry.RetryPolicy`, or False (default: about a minute)."""
     return SegLLMClient(url, model=model, timeout_s=timeout_s, api_key=api_key, ssl=ssl,
-                        root_certificates=root_certificates)
+                        root_certificates=root_certificates, retry=retry)

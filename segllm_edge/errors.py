@@ -67,3 +67,11 @@ class LimitError(SegLLMError, ValueError):
 
 
 __all__.append("LimitError")
+
+
+class SessionStateError(SessionError):
+    """A saved conversation state is truncated, corrupt, of another format version, over a store's cap,
+    or belongs to another model/export (:mod:`segllm_edge.runtime.session_state`)."""
+
+
+__all__.append("SessionStateError")

@@ -184,7 +184,7 @@ def test_context_budget_and_unreachable_server_are_page_errors(web_model, golden
     closed = bind("127.0.0.1", 0)   # a port nobody answers on
     port = closed.getsockname()[1]
     closed.close()
-    gone = ConversationStore(RemoteEngine(segllm_edge.connect(f"127.0.0.1:{port}", timeout_s=20)))
+    gone = ConversationStore(RemoteEngine(segllm_edge.connect(f"127.0.0.1:{port}", timeout_s=20, retry=1)))
     with live_server(gone) as base:
         st, conv = call(f"{base}/api/conversations", "POST", png)
         assert st == 201

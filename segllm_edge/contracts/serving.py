@@ -19,6 +19,7 @@ BLS_GRAPHS = ("llm", "vision_encoder", "mask_encoder")
 # the segllm BLS model's request tensor names (clients and the BLS model use these, never the literals) ...
 IN_START, IN_END, IN_CONVERSATION, IN_IMAGE = "start", "end", "conversation", "image"
 IN_QUESTION, IN_REFS, IN_WANT_MASK_LOGITS = "question", "refs", "want_mask_logits"
+IN_ROUND = "round"
 #: ... and the request tensors (no sequence batcher: a conversation is known by its token)
 BLS_INPUTS = (
     (IN_START, "TYPE_BOOL", [1], True, False),             # first round: carries the image
@@ -28,6 +29,7 @@ BLS_INPUTS = (
     (IN_QUESTION, "TYPE_STRING", [1], True, False),        # required except for a close
     (IN_REFS, "TYPE_INT32", [-1], True, False),            # round numbers, optional
     (IN_WANT_MASK_LOGITS, "TYPE_BOOL", [1], True, False),  # optional: also return the round's mask_logits
+    (IN_ROUND, "TYPE_INT32", [1], True, False),            # optional: the round asked for (a retry is answered again)
 )
 # the response tensor names: one per field of segllm_edge.runtime.results.RoundResult that crosses the wire
 OUT_MASK, OUT_BOX, OUT_MODEL_MASK, OUT_MODEL_BOX, OUT_SCORE = "mask", "box", "model_mask", "model_box", "score"
@@ -53,7 +55,8 @@ OUTPUT_NAMES = tuple(t[0] for t in BLS_OUTPUTS)
 #: the outputs every response carries (mask_logits only when asked for)
 ALWAYS_OUTPUTS = tuple(n for n in OUTPUT_NAMES if n != OUT_MASK_LOGITS)
 #: keys of the ``timings`` JSON that are the serving layer's, not stages of the round (segllm_edge.runtime.profiler)
-SERVING_TIMINGS = ("bls_model_calls", "bls_in_process", "bls_total", "bls_overhead")
+SERVING_TIMINGS = ("bls_model_calls", "bls_in_process", "bls_total", "bls_overhead",
+                   "state_bytes", "state_save_ms", "state_write_ms")   # the durable state's write (serve --state-dir)
 TIMINGS_CALLS = "calls"      # ... and the per-model call times, a nested {model: ms}
 TIMINGS_IN_PROCESS = "in_process"   # ... and the BLS_GRAPHS' times in the BLS process, a nested {graph: ms}
 
@@ -72,6 +75,10 @@ PARAM_EXPORT_DIR = "segllm_export_dir"            # BLS: the export folder
 PARAM_MAX_CONVERSATIONS = "segllm_max_conversations"
 PARAM_IDLE_TIMEOUT = "segllm_idle_timeout_s"
 PARAM_MAX_SESSION_BYTES = "segllm_max_session_bytes"   # BLS: per-conversation memory budget (optional)
+PARAM_STATE_DIR = "segllm_state_dir"              # BLS: durable conversations in this directory (optional)
+PARAM_REDIS_URL = "segllm_redis_url"              # BLS: ... or in this Redis (optional; replicas share it)
+PARAM_STATE_MAX_BYTES = "segllm_state_max_bytes"  # BLS: stored bytes per conversation (optional)
+PARAM_STATE_MAX_TOTAL_BYTES = "segllm_state_max_total_bytes"  # BLS: stored bytes in total (optional)
 PARAM_AXES = "segllm_input_axes"          # graph models: JSON {input: [dim or axis name, ...]} (the manifest's)
 PARAM_AXIS_LIMITS = "segllm_axis_limits"  # graph models: JSON {axis: max} (segllm_edge.limits.graph_axis_limits)
 PARAM_GRAPH_FILE = "segllm_graph_file"            # graph models: the .onnx file

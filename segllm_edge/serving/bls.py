@@ -37,12 +37,15 @@ from ..contracts.serving import (BLS_GRAPHS, PARAM_THREADS, TIMINGS_IN_PROCESS, 
                                  IN_WANT_MASK_LOGITS, OUT_BOX, OUT_CONTEXT_TOKENS, OUT_CONVERSATION, OUT_MASK,
                                  OUT_MASK_LOGITS, OUT_MEMORY, OUT_MODEL_BOX, OUT_MODEL_MASK, OUT_NEW_TOKENS,
                                  OUT_QUERY_INDEX, OUT_ROUND, OUT_SCORE, OUT_TIMINGS, PARAM_CLIP_SIZE, PARAM_EXPORT_DIR,
-                                 PARAM_IDLE_TIMEOUT, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES, PREPROCESS_MODEL,
+                                 PARAM_IDLE_TIMEOUT, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES, PARAM_REDIS_URL,
+                                 PARAM_STATE_DIR, PARAM_STATE_MAX_BYTES, PARAM_STATE_MAX_TOTAL_BYTES, PREPROCESS_MODEL,
                                  TIMINGS_CALLS)
 from ..errors import BackendError, ImageError, QuestionError, RoundReferenceError, SessionError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from ..runtime.kv_cache import HostKVCache
 from ..runtime.session import Session
+from ..runtime.transaction import snapshot
+from .durable import DurableConversations, replay, round_number
 from .models import decode_image_bytes, resolve_model_path
 from .pystub import PythonModel, RequestContext
 from .wire import ERROR_CLASSES, bracketed, encode_mask_png, parse_bracketed
@@ -163,6 +166,7 @@ class BlsSession(Session):
     def __init__(self, backend: TritonBlsBackend, payload: bytes, **kw):
         rgb = decode_image_bytes(payload)
         super().__init__(backend, rgb, **kw)
+        self.payload = bytes(payload)     # what a durable state stores (runtime/session_state.py)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +219,13 @@ class ConversationStore:
                 raise SessionError(f"server full (max_conversations={self.max_live}); retry later")
             self._states[token] = (self.clock(), state)
         return token, state
+
+    def adopt(self, token: str, state) -> None:
+        """Hold a conversation restored from a state store under its own token ("server full" at the cap)."""
+        with self._lock:
+            if token not in self._states and len(self._states) >= self.max_live:
+                raise SessionError(f"server full (max_conversations={self.max_live}); retry later")
+            self._states[token] = (self.clock(), state)
 
     def get(self, token):
         self.expire()
@@ -274,8 +285,10 @@ class ConversationService:
     """
 
     def __init__(self, backend_factory: Callable[[], TritonBlsBackend], max_conversations: int = 8,
-                 idle_timeout_s: float | None = 600.0, clock=time.monotonic, max_session_bytes: int | None = None):
+                 idle_timeout_s: float | None = 600.0, clock=time.monotonic, max_session_bytes: int | None = None,
+                 state_store=None):
         self._backend_factory = backend_factory
+        self.durable = DurableConversations(state_store) if state_store is not None else None
         self._backend: TritonBlsBackend | None = None
         self.max_session_bytes = max_session_bytes
         self.store = ConversationStore(None, idle_timeout_s, max_conversations, clock)
@@ -313,6 +326,8 @@ class ConversationService:
         t_start = time.perf_counter()
         backend = self.backend
         backend.call_ms, backend.local_ms = {}, {}
+        if self.durable is not None:
+            self.durable.last_write = {}
         start, end = _flag(inputs.get(IN_START)), _flag(inputs.get(IN_END))
         token_b = _scalar_bytes(inputs.get(IN_CONVERSATION))
         token = token_b.decode("ascii", "replace") if token_b else None
@@ -326,31 +341,37 @@ class ConversationService:
                 raise ImageError("the first request of a conversation (start) must carry the image")
             if question is None:
                 raise QuestionError("the request has no question")
-            budget = self.max_session_bytes or default_session_bytes(backend.info)
-            token, session = self.store.open(lambda: BlsSession(backend, image, max_bytes=budget))
+            token, session = self.store.open(lambda: BlsSession(backend, image, max_bytes=self._budget()))
             try:
                 result = session.ask(question, refs)
+                if self.durable is not None:
+                    self.durable.save(token, session, expect=None)   # durable before the answer leaves
             except BaseException:
                 self.store.drop(token)           # a failed first round holds nothing
                 raise
         else:
             if token is None:
                 raise SessionError("the request names no conversation: send start (with the image) first")
-            session = self.store.get(token)
             if end and (question is None or not question.strip()):
-                self.store.drop(token)           # close(): nothing to run
+                if self.durable is None or not self.durable.holds(token):
+                    self.store.get(token)        # unknown: SessionError
+                self._drop(token)                # close(): nothing to run, nothing to restore
                 return self._closed_response(token)
             if image is not None:
                 raise SessionError("an image can only be sent with the first round (start); "
                                    "open a new session for a new image")
             if question is None:
                 raise QuestionError("the request has no question")
+            session = self._session(token)       # after the cheap checks: a restore encodes the image
+            asked = round_number(inputs)
             try:
-                result = session.ask(question, refs)
+                result = replay(session, asked, question) if asked is not None else None
+                if result is None:
+                    result = self._round(token, session, question, refs)
             finally:
                 self.store.touch(token)
         if end:
-            self.store.drop(token)
+            self._drop(token)
         else:
             self.store.touch(token)
         total = (time.perf_counter() - t_start) * 1e3
@@ -361,7 +382,42 @@ class ConversationService:
         timings["bls_overhead"] = max(0.0, total - timings["bls_model_calls"] - timings["bls_in_process"])
         timings[TIMINGS_CALLS] = dict(backend.call_ms)
         timings[TIMINGS_IN_PROCESS] = dict(backend.local_ms)
+        if self.durable is not None:
+            timings.update(self.durable.last_write)
         return round_response(result, token, timings, want_logits=_flag(inputs.get(IN_WANT_MASK_LOGITS)))
+
+    def _budget(self) -> int:
+        return self.max_session_bytes or default_session_bytes(self.backend.info)
+
+    def _session(self, token: str):
+        """The conversation from memory or, when memory lacks it or holds an older round, from the state store."""
+        self.store.expire()
+        held = token in self.store if isinstance(token, str) else False
+        if self.durable is not None and (not held or self.durable.stale(token, self.store.get(token))):
+            backend = self.backend
+            restored = self.durable.load(token, backend, lambda img, reuse: BlsSession(backend, img,
+                                                                                       max_bytes=self._budget()))
+            if restored is not None:
+                self.store.adopt(token, restored)
+        return self.store.get(token)
+
+    def _round(self, token: str, session, question: str, refs):
+        """One round, saved to the state store before it is answered; a failed save undoes the round."""
+        before = snapshot(session)
+        n = len(session.rounds)
+        result = session.ask(question, refs)
+        if self.durable is not None:
+            try:
+                self.durable.save(token, session, expect=n)
+            except BaseException:
+                before.restore(session)
+                raise
+        return result
+
+    def _drop(self, token: str) -> None:
+        self.store.drop(token)
+        if self.durable is not None:
+            self.durable.drop(token)
 
     @staticmethod
     def _closed_response(token: str) -> dict:
@@ -484,8 +540,13 @@ class SegLLMBlsModel(PythonModel):
         budget = int(self.params.get(PARAM_MAX_SESSION_BYTES) or 0) or None
         threads = int(self.params.get(PARAM_THREADS) or 0) or None
         caller = self.caller
+        from .state_store import open_store
+
+        store = open_store(self.params.get(PARAM_STATE_DIR) or None, self.params.get(PARAM_REDIS_URL) or None, idle,
+                           int(self.params.get(PARAM_STATE_MAX_BYTES) or 0) or None,
+                           int(self.params.get(PARAM_STATE_MAX_TOTAL_BYTES) or 0) or None)
         self.service = ConversationService(lambda: TritonBlsBackend(export_dir, caller, threads=threads), cap, idle,
-                                           max_session_bytes=budget)
+                                           max_session_bytes=budget, state_store=store)
         self.service.backend  # load tokenizer, manifest and the in-process graphs now: fail at model load
 
     def infer(self, inputs: dict, ctx: RequestContext) -> dict:

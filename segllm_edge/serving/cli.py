@@ -15,6 +15,25 @@ def _fail(exc: Exception):
     raise click.ClickException(str(exc))
 
 
+def _state_options(fn):
+    """--state-dir / --redis-url and the store's caps (segllm_edge.serving.state_store)."""
+    opts = [
+        click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="keep every conversation's durable state in this folder (written atomically after every "
+                          "round): a restart continues the conversations"),
+        click.option("--redis-url", default=None, envvar="SEGLLM_REDIS_URL",
+                     help="keep the durable state in Redis (redis://host:port/db; also $SEGLLM_REDIS_URL): "
+                          "replicas on one Redis share the conversations"),
+        click.option("--state-max-bytes", type=click.IntRange(min=1), default=None,
+                     help="stored bytes per conversation (default: the image limit + 32 MiB)"),
+        click.option("--state-max-total-bytes", type=click.IntRange(min=1), default=None,
+                     help="stored bytes of all conversations (default: 16 GiB in a folder, 2 GiB in Redis)"),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
 @click.command("triton-repo")
 @click.option("--export", "export_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="export folder (from `segllm-edge export`)")
@@ -28,13 +47,18 @@ def _fail(exc: Exception):
               help="seconds a conversation may idle before the server drops it")
 @click.option("--instances", default=1, show_default=True, help="instances per graph model (the segllm BLS has one)")
 @click.option("--force", is_flag=True, help="overwrite a non-empty repository folder")
-def triton_repo_command(export_dir, out, target, max_conversations, idle_timeout, instances, force):
+@_state_options
+def triton_repo_command(export_dir, out, target, max_conversations, idle_timeout, instances, force, state_dir,
+                        redis_url, state_max_bytes, state_max_total_bytes):
     """Write a Triton model repository for EXPORT (models, encode_image ensemble, segllm BLS)."""
     from .repository import describe_repository, generate_repository
+    from .state_store import store_parameters
 
     try:
+        bls = store_parameters(state_dir, redis_url, state_max_bytes, state_max_total_bytes)
         repo = generate_repository(export_dir, out, target=target, max_conversations=max_conversations,
-                                   idle_timeout_s=idle_timeout, instance_count=instances, force=force)
+                                   idle_timeout_s=idle_timeout, instance_count=instances, force=force,
+                                   bls_parameters=bls)
     except (SegLLMError, FileExistsError, ValueError) as exc:
         _fail(exc)
     for name, kind in describe_repository(repo).items():
@@ -47,7 +71,7 @@ def triton_repo_command(export_dir, out, target, max_conversations, idle_timeout
                   "NOT portable: " + "; ".join(problems) + ")"))
 
 
-def _cached_repo(export_dir: Path, max_conversations: int, idle_timeout: float) -> Path:
+def _cached_repo(export_dir: Path, max_conversations: int, idle_timeout: float, bls: dict | None = None) -> Path:
     if not (export_dir / "manifest.json").is_file():
         from ..errors import CheckpointError
 
@@ -57,10 +81,28 @@ def _cached_repo(export_dir: Path, max_conversations: int, idle_timeout: float) 
 
     export = export_dir.resolve()
     manifest = (export / "manifest.json").read_bytes() if (export / "manifest.json").is_file() else b""
-    key = hashlib.sha256(str(export).encode() + manifest + f"{max_conversations}:{idle_timeout}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(str(export).encode() + manifest + f"{max_conversations}:{idle_timeout}".encode()
+                         + repr(sorted((bls or {}).items())).encode()).hexdigest()[:16]
     repo = default_cache_dir() / "repos" / key
     return generate_repository(export, repo, max_conversations=max_conversations, idle_timeout_s=idle_timeout,
-                               force=True)
+                               force=True, bls_parameters=bls)
+
+
+def _check_store(repo, state_dir, redis_url, idle_timeout, max_bytes, max_total) -> dict:
+    """The BLS parameters of the state store, after opening it once here (a folder that cannot be written or a
+    Redis that does not answer fails now, not at the first round)."""
+    from ..errors import ConfigError
+    from .state_store import open_store, store_parameters
+
+    params = store_parameters(state_dir, redis_url, max_bytes, max_total)
+    if params and repo is not None:
+        raise ConfigError("--state-dir/--redis-url configure a generated repository; for --repo write it with "
+                          "`segllm-edge triton-repo --state-dir/--redis-url`")
+    store = open_store(state_dir, redis_url, idle_timeout, max_bytes, max_total)
+    if store is not None:
+        click.echo(store.describe(), err=True)
+        store.close()
+    return params
 
 
 @click.command("serve")
@@ -86,8 +128,10 @@ def _cached_repo(export_dir: Path, max_conversations: int, idle_timeout: float) 
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="tritonserver log file (default: a temp file)")
+@_state_options
 def serve_command(export_dir, repo, http_port, grpc_port, metrics_port, address, max_conversations, idle_timeout,
-                  api_key, admin_key, tls_cert, tls_key, log_path):
+                  api_key, admin_key, tls_cert, tls_key, log_path, state_dir, redis_url, state_max_bytes,
+                  state_max_total_bytes):
     """Serve EXPORT with Triton Inference Server until Ctrl-C / SIGTERM (tritonserver and its stubs die with it)."""
     from .security import Exposure
     from .tritonserver import TritonServer, TritonServerError, port_in_use
@@ -98,7 +142,8 @@ def serve_command(export_dir, repo, http_port, grpc_port, metrics_port, address,
             raise TritonServerError(f"port {', '.join(map(str, busy))} on {address} is already in use (another "
                                     "server running?); stop it or pass other --http-port/--grpc-port/--metrics-port")
         extra = Exposure(api_key=api_key, admin_key=admin_key, tls_cert=tls_cert, tls_key=tls_key).tritonserver_args()
-        repo = repo or _cached_repo(export_dir, max_conversations, idle_timeout)
+        store = _check_store(repo, state_dir, redis_url, idle_timeout, state_max_bytes, state_max_total_bytes)
+        repo = repo or _cached_repo(export_dir, max_conversations, idle_timeout, store)
     except (SegLLMError, FileExistsError, ValueError) as exc:
         _fail(exc)
     server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,

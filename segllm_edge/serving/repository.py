@@ -182,7 +182,8 @@ def write_bls_model(repo: str | os.PathLike, export_param: str | None = None, *,
 
 def generate_repository(export_dir, out_repo, target: str = "python", max_conversations: int = 8,
                         idle_timeout_s: float = 600, instance_count: int = 1, force: bool = False, *,
-                        sys_path: Sequence[str] | None = None, threads: int | None = None) -> Path:
+                        sys_path: Sequence[str] | None = None, threads: int | None = None,
+                        bls_parameters: dict | None = None) -> Path:
     """Write a Triton model repository for the export at ``export_dir`` into ``out_repo``; returns it.
 
     The repository is self-contained and names no path of this machine: the export's files go into
@@ -194,6 +195,8 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
 
     ``sys_path``: opt-in site-packages for the python models (absolute paths: not portable).
     ``threads``: onnxruntime intra-op threads per graph model (default: all cores).
+    ``bls_parameters``: more parameters of the ``segllm`` model (e.g. its state store:
+    :func:`.state_store.store_parameters`).
     """
     from ..contracts.manifest import Manifest
 
@@ -236,7 +239,7 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
     mc.write_config(repo / ENSEMBLE_MODEL, _ensemble_config(manifest))
     write_bls_model(repo, max_conversations=max_conversations, idle_timeout_s=idle_timeout_s,
                     instance_count=instance_count, sys_path=sys_path,
-                    extra_parameters={PARAM_THREADS: str(threads or 0)})
+                    extra_parameters={PARAM_THREADS: str(threads or 0), **(bls_parameters or {})})
     return repo
 
 
