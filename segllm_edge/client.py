@@ -189,7 +189,7 @@ class SegLLMClient:
         self.close()
 
     # -- transport ------------------------------------------------------------------------------
-    def _infer(self, arrays: dict, outputs=ALWAYS_OUTPUTS, retry: bool = True):
+    def _infer(self, arrays: dict, outputs=ALWAYS_OUTPUTS, retry: bool = True, unsent_only: bool = False):
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
         g = self._grpc
@@ -207,7 +207,7 @@ class SegLLMClient:
                 return self._client.infer(self.model, inputs, outputs=outs, headers=self.headers,
                                           client_timeout=self.timeout_s)
             except InferenceServerException as exc:
-                delay = next(delays, None) if retryable(exc) else None
+                delay = next(delays, None) if retryable(exc, unsent_only) else None
                 if delay is None:
                     raise map_error(exc) from None
             time.sleep(delay)
@@ -260,7 +260,8 @@ class RemoteSession:
                 if self._next_round is not None:   # a retried round is answered again, never run twice
                     arrays[IN_ROUND] = np.array([self._next_round], dtype=np.int32)
             t0 = time.perf_counter()
-            r = self.client._infer(arrays, outputs)
+            # a start is retried only when it never left: one that reached a server may have opened a conversation
+            r = self.client._infer(arrays, outputs, unsent_only=self.conversation is None)
             rtt = (time.perf_counter() - t0) * 1e3
             if self.conversation is None:
                 self.conversation = r.as_numpy(OUT_CONVERSATION).reshape(-1)[0].decode()

@@ -46,14 +46,27 @@ class RetryPolicy:
             d = min(self.max_delay_s, d * 2)
 
 
-def retryable(exc: BaseException) -> bool:
-    """True for a transport error that means no server answered (see :data:`_UNAVAILABLE`)."""
+#: of those, the words that mean the request never left (safe to resend even a request that is not idempotent)
+_NOT_SENT = ("failed to connect", "connection refused")
+
+
+def retryable(exc: BaseException, unsent_only: bool = False) -> bool:
+    """True for a transport error that means no server answered (see :data:`_UNAVAILABLE`); with
+    ``unsent_only``, only one that means the request never reached a server (:data:`_NOT_SENT`: a start is
+    not idempotent, a reset connection may have started a conversation). An error the server answered
+    (``[ErrorClass] ...``) is never retried, whatever words it carries."""
+    from .serving.wire import parse_bracketed
+
     parts = [exc]
     for attr in ("status", "message"):
         v = getattr(exc, attr, None)
         parts.append(v() if callable(v) else v)
+    message = getattr(exc, "message", None)
+    message = message() if callable(message) else message
+    if parse_bracketed(str(message if message is not None else exc)) is not None:
+        return False
     text = " ".join(str(x) for x in parts if x is not None).lower()
-    return any(w in text for w in _UNAVAILABLE)
+    return any(w in text for w in (_NOT_SENT if unsent_only else _UNAVAILABLE))
 
 
 def policy(retry) -> RetryPolicy:

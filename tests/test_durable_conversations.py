@@ -161,6 +161,23 @@ def _exercise_store(store, states):
     assert store.get(b) is None                                    # a refused put changed nothing
     store.delete(a)
     assert store.get(a) is None and store.total_bytes() == 0
+    with pytest.raises(SessionStateError, match="closed or expired"):
+        store.put(a, states[2], expect=1)        # closed through another replica: a later round must not revive it
+    assert store.get(a) is None
+
+
+def test_redis_url_password_stays_out_of_configs(monkeypatch):
+    from segllm_edge.contracts.serving import PARAM_REDIS_URL
+    from segllm_edge.serving.state_store import ENV_REDIS_URL, redact_url, redis_url_for_server, store_parameters
+
+    full = "redis://app:s3cret@db.local:6380/2"
+    assert redact_url(full) == "redis://app@db.local:6380/2" and redact_url("redis://h:1/0") == "redis://h:1/0"
+    params = store_parameters(redis_url=full)
+    assert "s3cret" not in repr(params) and params[PARAM_REDIS_URL] == "redis://app@db.local:6380/2"
+    monkeypatch.setenv(ENV_REDIS_URL, full)
+    assert redis_url_for_server(params[PARAM_REDIS_URL]) == full        # the stub gets it from its environment
+    monkeypatch.setenv(ENV_REDIS_URL, "redis://other:pw@elsewhere:1/0")
+    assert redis_url_for_server(params[PARAM_REDIS_URL]) == params[PARAM_REDIS_URL]
 
 
 def _capped(store, **caps):
@@ -408,6 +425,12 @@ def test_retry_policy_and_what_it_retries():
     for answered in ("[RoundReferenceError] round 3 refers to round 5", "[SessionError] unknown conversation",
                      "Deadline Exceeded", "[SessionError] server full"):
         assert not retryable(InferenceServerException(answered)), answered
+    # a server-side error that merely quotes transport words was answered: never retried
+    assert not retryable(InferenceServerException("[SessionStateError] Redis failed: Connection refused",
+                                                  status="StatusCode.UNAVAILABLE"))
+    # a start is resent only when it never left (a reset connection may already have opened a conversation)
+    reset = InferenceServerException("Connection reset by peer", status="StatusCode.UNAVAILABLE")
+    assert retryable(reset) and not retryable(reset, unsent_only=True) and retryable(down, unsent_only=True)
     from segllm_edge.serving.tritonserver import free_port
 
     c = segllm_edge.connect(f"127.0.0.1:{free_port()}", retry=0.5)      # nobody there: gives up, says so

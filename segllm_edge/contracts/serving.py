@@ -64,7 +64,7 @@ TIMINGS_IN_PROCESS = "in_process"   # ... and the BLS_GRAPHS' times in the BLS p
 IMAGE_BYTES = ("image", "TYPE_STRING", [1])
 #: ... CLIP pixels and the HIPIE input out (fed to vision_encoder / mask_backbone) ...
 PIXEL_VALUES, HIPIE_IMAGE = "pixel_values", "hipie_image"
-#: ... and what the ensemble passes through to the BLS model besides the graphs' outputs
+#: ... and what the preprocess model passes through besides the graphs' inputs (the encode_image ensemble returns them)
 PREPROCESS_PASSTHROUGH = ("resized_padded", "input_hw")
 PREPROCESS_OUTPUTS = (PIXEL_VALUES, HIPIE_IMAGE, *PREPROCESS_PASSTHROUGH)
 #: what the encode_image ensemble returns besides mask_backbone's features (the BLS runs CLIP on the pixels)

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..contracts.export_folder import open_export
 from ..contracts.manifest import kv_names
+from ..contracts.precisions import numpy_dtype
 from ..contracts.serving import (BLS_GRAPHS, PARAM_THREADS, TIMINGS_IN_PROCESS, IN_CONVERSATION, IN_END, IN_IMAGE, IN_QUESTION, IN_REFS, IN_START,
                                  IN_WANT_MASK_LOGITS, OUT_BOX, OUT_CONTEXT_TOKENS, OUT_CONVERSATION, OUT_MASK,
                                  OUT_MASK_LOGITS, OUT_MEMORY, OUT_MODEL_BOX, OUT_MODEL_MASK, OUT_NEW_TOKENS,
@@ -82,7 +83,7 @@ class TritonBlsBackend:
         self.call = call
         self._past, self._present = kv_names(self.info.num_layers)
         g = self.manifest.graphs
-        self._io = {n: ([t.name for t in s.inputs], [t.name for t in s.outputs], {t.name: np.dtype(t.dtype) for t in s.inputs})
+        self._io = {n: ([t.name for t in s.inputs], [t.name for t in s.outputs], {t.name: numpy_dtype(t.dtype) for t in s.inputs})
                     for n, s in g.items()}
         self.call_ms: dict[str, float] = {}    # time spent waiting on model calls
         self.local_ms: dict[str, float] = {}   # time spent running BLS_GRAPHS here (BLS overhead = the rest)
@@ -393,7 +394,12 @@ class ConversationService:
         """The conversation from memory or, when memory lacks it or holds an older round, from the state store."""
         self.store.expire()
         held = token in self.store if isinstance(token, str) else False
+        if self.durable is not None and held and not self.durable.holds(token):
+            self._drop(token)                    # closed through another replica (or expired from the store)
+            raise SessionError("this conversation was closed or has expired; start a new session")
         if self.durable is not None and (not held or self.durable.stale(token, self.store.get(token))):
+            if not held and len(self.store) >= self.store.max_live:   # before the restore's image encode + prefill
+                raise SessionError(f"server full (max_conversations={self.store.max_live}); retry later")
             backend = self.backend
             restored = self.durable.load(token, backend, lambda img, reuse: BlsSession(backend, img,
                                                                                        max_bytes=self._budget()))
@@ -540,9 +546,10 @@ class SegLLMBlsModel(PythonModel):
         budget = int(self.params.get(PARAM_MAX_SESSION_BYTES) or 0) or None
         threads = int(self.params.get(PARAM_THREADS) or 0) or None
         caller = self.caller
-        from .state_store import open_store
+        from .state_store import open_store, redis_url_for_server
 
-        store = open_store(self.params.get(PARAM_STATE_DIR) or None, self.params.get(PARAM_REDIS_URL) or None, idle,
+        redis_url = self.params.get(PARAM_REDIS_URL) or None
+        store = open_store(self.params.get(PARAM_STATE_DIR) or None, redis_url and redis_url_for_server(redis_url), idle,
                            int(self.params.get(PARAM_STATE_MAX_BYTES) or 0) or None,
                            int(self.params.get(PARAM_STATE_MAX_TOTAL_BYTES) or 0) or None)
         self.service = ConversationService(lambda: TritonBlsBackend(export_dir, caller, threads=threads), cap, idle,

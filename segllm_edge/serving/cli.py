@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import threading
 from pathlib import Path
@@ -21,9 +22,10 @@ def _state_options(fn):
         click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="keep every conversation's durable state in this folder (written atomically after every "
                           "round): a restart continues the conversations"),
-        click.option("--redis-url", default=None, envvar="SEGLLM_REDIS_URL",
-                     help="keep the durable state in Redis (redis://host:port/db; also $SEGLLM_REDIS_URL): "
-                          "replicas on one Redis share the conversations"),
+        click.option("--redis-url", default=None,
+                     help="keep the durable state in Redis (redis://[user:password@]host:port/db): replicas on one "
+                          "Redis share the conversations; the repository's config holds the URL without its "
+                          "password, which the server's stub takes from $SEGLLM_REDIS_URL (serve sets it)"),
         click.option("--state-max-bytes", type=click.IntRange(min=1), default=None,
                      help="stored bytes per conversation (default: the image limit + 32 MiB)"),
         click.option("--state-max-total-bytes", type=click.IntRange(min=1), default=None,
@@ -45,7 +47,8 @@ def _state_options(fn):
               help="live conversations the segllm model holds; a start over it is told 'server full' at once")
 @click.option("--idle-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="seconds a conversation may idle before the server drops it")
-@click.option("--instances", default=1, show_default=True, help="instances per graph model (the segllm BLS has one)")
+@click.option("--instances", default=1, show_default=True, help="instances per stateless graph model (mask_backbone, mask_decoder, seg_head, preprocess); "
+                   "the segllm BLS, which runs the llm and CLIP itself, has one")
 @click.option("--force", is_flag=True, help="overwrite a non-empty repository folder")
 @_state_options
 def triton_repo_command(export_dir, out, target, max_conversations, idle_timeout, instances, force, state_dir,
@@ -65,13 +68,22 @@ def triton_repo_command(export_dir, out, target, max_conversations, idle_timeout
         click.echo(f"{name:15s} {kind}")
     from .model_config import portability_problems
 
+    if redis_url and "@" in redis_url:
+        from .state_store import ENV_REDIS_URL, redact_url
+
+        if redact_url(redis_url) != redis_url:
+            click.echo(f"the config names Redis without its password: start the server with {ENV_REDIS_URL} set "
+                       "to the full URL", err=True)
     problems = portability_problems(repo)
     click.echo(f"repository written to {repo} (target {target}; "
                + ("portable: no path of this machine in it)" if not problems else
                   "NOT portable: " + "; ".join(problems) + ")"))
 
 
-def _cached_repo(export_dir: Path, max_conversations: int, idle_timeout: float, bls: dict | None = None) -> Path:
+def _cached_repo(export_dir: Path, max_conversations: int, idle_timeout: float, bls: dict | None = None,
+                 server_key: str = "") -> Path:
+    """The generated repository ``serve`` runs (regenerated at every start). ``server_key`` (address and gRPC
+    port) keeps two replicas on one host from rewriting each other's repository while one starts."""
     if not (export_dir / "manifest.json").is_file():
         from ..errors import CheckpointError
 
@@ -82,7 +94,7 @@ def _cached_repo(export_dir: Path, max_conversations: int, idle_timeout: float, 
     export = export_dir.resolve()
     manifest = (export / "manifest.json").read_bytes() if (export / "manifest.json").is_file() else b""
     key = hashlib.sha256(str(export).encode() + manifest + f"{max_conversations}:{idle_timeout}".encode()
-                         + repr(sorted((bls or {}).items())).encode()).hexdigest()[:16]
+                         + repr(sorted((bls or {}).items())).encode() + server_key.encode()).hexdigest()[:16]
     repo = default_cache_dir() / "repos" / key
     return generate_repository(export, repo, max_conversations=max_conversations, idle_timeout_s=idle_timeout,
                                force=True, bls_parameters=bls)
@@ -143,7 +155,11 @@ def serve_command(export_dir, repo, http_port, grpc_port, metrics_port, address,
                                     "server running?); stop it or pass other --http-port/--grpc-port/--metrics-port")
         extra = Exposure(api_key=api_key, admin_key=admin_key, tls_cert=tls_cert, tls_key=tls_key).tritonserver_args()
         store = _check_store(repo, state_dir, redis_url, idle_timeout, state_max_bytes, state_max_total_bytes)
-        repo = repo or _cached_repo(export_dir, max_conversations, idle_timeout, store)
+        repo = repo or _cached_repo(export_dir, max_conversations, idle_timeout, store, f"{address}:{grpc_port}")
+        if redis_url:
+            from .state_store import ENV_REDIS_URL
+
+            os.environ[ENV_REDIS_URL] = redis_url   # the password reaches the stub this way, never through a config
     except (SegLLMError, FileExistsError, ValueError) as exc:
         _fail(exc)
     server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,

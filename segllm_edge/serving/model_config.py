@@ -109,6 +109,8 @@ def read_config(path: str | os.PathLike):
 
 
 def _looks_absolute(value: str) -> bool:
+    if "://" in value:                      # a URL (e.g. the Redis store's), not a path of this machine
+        return False
     return any(part.startswith(("/", "~")) or (len(part) > 2 and part[1] == ":" and part[2] in "\\/")
                for part in value.split(os.pathsep) if part)
 

@@ -27,6 +27,7 @@ import os
 import secrets
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from .. import limits
 from ..errors import ConfigError, SessionStateError
@@ -78,8 +79,12 @@ class StateStore:
                 f"in total; states expire {ttl} after their last use")
 
 
-def _conflict(key: str, have: int, expect: int) -> SessionStateError:
-    """The stored state moved on (another replica answered a round of this conversation meanwhile)."""
+def _conflict(key: str, have: int | None, expect: int) -> SessionStateError:
+    """The stored state moved on (another replica answered a round of this conversation meanwhile), or is gone
+    (closed through another replica, or expired)."""
+    if have is None:
+        return SessionStateError("this conversation was closed or expired meanwhile (through another replica?); "
+                                 "the round was not applied: start a new session")
     return SessionStateError(f"another request answered round {have} of this conversation while this one answered "
                          f"round {expect + 1} (two replicas at once?); the round was not applied, retry")
 
@@ -155,11 +160,18 @@ class DirectoryStore(StateStore):
         return total
 
     def put(self, key: str, state: bytes, expect: int | None = None) -> None:
+        try:
+            self._put(key, state, expect)
+        except OSError as exc:           # full disk, I/O error, permissions: the store's error, without its path
+            raise SessionStateError(f"the conversation store (a folder) could not be written: "
+                                    f"{exc.strerror or type(exc).__name__}; the round was not applied") from None
+
+    def _put(self, key: str, state: bytes, expect: int | None) -> None:
         self._check_size(state)
         path = self._path(key)
         with self._locked():
             have = self._rounds_unlocked(path)
-            if expect is not None and have is not None and have != expect:
+            if expect is not None and have != expect:     # a missing state is a conflict too: closed elsewhere
                 raise _conflict(key, have, expect)
             old = path.stat().st_size if have is not None else 0
             others = self._sweep() - old
@@ -230,7 +242,7 @@ local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 for _, m in ipairs(gone) do redis.call('HDEL', KEYS[3], m) end
 if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
 local cur = redis.call('HGET', KEYS[1], 'rounds')
-if ARGV[4] ~= '' and cur and cur ~= ARGV[4] then return {-1, cur} end
+if ARGV[4] ~= '' and cur ~= ARGV[4] then return {-1, cur or ''} end
 local mine = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
 local total = 0
 for _, v in ipairs(redis.call('HVALS', KEYS[3])) do total = total + tonumber(v) end
@@ -280,7 +292,7 @@ class RedisStore(StateStore):
         try:
             self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         except ValueError as exc:
-            raise ConfigError(f"unusable --redis-url {url!r}: {exc}") from None
+            raise ConfigError(f"unusable --redis-url {redact_url(url)!r}: {exc}") from None
         self.prefix = prefix
         self._index, self._sizes = prefix + "index", prefix + "sizes"
         self._put = self.client.register_script(_PUT)
@@ -291,7 +303,8 @@ class RedisStore(StateStore):
         try:
             return fn(*a, **kw)
         except self._redis.RedisError as exc:
-            raise SessionStateError(f"the conversation store (Redis at {self.url}) failed: {exc}") from None
+            raise SessionStateError(f"the conversation store (Redis at {redact_url(self.url)}) failed: "
+                                    f"{exc}") from None
 
     def _k(self, key: str) -> str:
         return self.prefix + "c:" + key
@@ -306,7 +319,7 @@ class RedisStore(StateStore):
                                   args=[key, bytes(state), n, "" if expect is None else int(expect), self._ttl_ms(),
                                         self.max_total_bytes])
         if code == -1:
-            raise _conflict(key, int(detail), int(expect))
+            raise _conflict(key, int(detail) if detail not in (b"", "", None) else None, int(expect))
         if code == -2:
             raise self._over_total(int(detail), state)
 
@@ -348,12 +361,39 @@ def store_parameters(state_dir=None, redis_url: str | None = None, max_state_byt
     if state_dir:
         out[PARAM_STATE_DIR] = str(Path(state_dir).resolve())
     if redis_url:
-        out[PARAM_REDIS_URL] = str(redis_url)
+        # never the password: a config is readable by clients (/v2/models/segllm/config) and sits on disk; the
+        # BLS takes the full URL from $SEGLLM_REDIS_URL in the server's environment (serve sets it)
+        out[PARAM_REDIS_URL] = redact_url(str(redis_url))
     if out and max_state_bytes:
         out[PARAM_STATE_MAX_BYTES] = str(int(max_state_bytes))
     if out and max_total_bytes:
         out[PARAM_STATE_MAX_TOTAL_BYTES] = str(int(max_total_bytes))
     return out
+
+
+#: the server's environment variable that carries the full Redis URL (with its password) to the BLS
+ENV_REDIS_URL = "SEGLLM_REDIS_URL"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (``redis://user:secret@h:6379/0`` -> ``redis://user@h:6379/0``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = (f"{parts.username}@" if parts.username else "") + host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def redis_url_for_server(configured: str) -> str:
+    """The URL the BLS connects to: ``$SEGLLM_REDIS_URL`` when it is the configured URL with its password, else
+    the configured one."""
+    full = os.environ.get(ENV_REDIS_URL)
+    if full and redact_url(full) == configured:
+        return full
+    return configured
 
 
 def open_store(state_dir=None, redis_url: str | None = None, ttl_s: float | None = 600.0,
@@ -369,4 +409,5 @@ def open_store(state_dir=None, redis_url: str | None = None, ttl_s: float | None
 
 
 __all__ = ["StateStore", "DirectoryStore", "RedisStore", "open_store", "store_parameters", "state_key",
+           "redact_url", "redis_url_for_server", "ENV_REDIS_URL",
            "DEFAULT_MAX_STATE_BYTES", "DEFAULT_MAX_TOTAL_BYTES"]
