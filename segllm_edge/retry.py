@@ -57,15 +57,10 @@ def retryable(exc: BaseException, unsent_only: bool = False) -> bool:
     (``[ErrorClass] ...``) is never retried, whatever words it carries."""
     from .serving.wire import parse_bracketed
 
-    parts = [exc]
-    for attr in ("status", "message"):
-        v = getattr(exc, attr, None)
-        parts.append(v() if callable(v) else v)
-    message = getattr(exc, "message", None)
-    message = message() if callable(message) else message
+    status, message = (v() if callable(v) else v for v in (getattr(exc, a, None) for a in ("status", "message")))
     if parse_bracketed(str(message if message is not None else exc)) is not None:
         return False
-    text = " ".join(str(x) for x in parts if x is not None).lower()
+    text = " ".join(str(x) for x in (exc, status, message) if x is not None).lower()
     return any(w in text for w in (_NOT_SENT if unsent_only else _UNAVAILABLE))
 
 

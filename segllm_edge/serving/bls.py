@@ -394,10 +394,11 @@ class ConversationService:
         """The conversation from memory or, when memory lacks it or holds an older round, from the state store."""
         self.store.expire()
         held = token in self.store if isinstance(token, str) else False
-        if self.durable is not None and held and not self.durable.holds(token):
+        stored = self.durable.rounds(token) if self.durable is not None else None   # one store read per request
+        if self.durable is not None and held and stored is None:
             self._drop(token)                    # closed through another replica (or expired from the store)
             raise SessionError("this conversation was closed or has expired; start a new session")
-        if self.durable is not None and (not held or self.durable.stale(token, self.store.get(token))):
+        if self.durable is not None and (not held or stored != len(self.store.get(token).rounds)):
             if not held and len(self.store) >= self.store.max_live:   # before the restore's image encode + prefill
                 raise SessionError(f"server full (max_conversations={self.store.max_live}); retry later")
             backend = self.backend

@@ -68,7 +68,7 @@ def triton_repo_command(export_dir, out, target, max_conversations, idle_timeout
         click.echo(f"{name:15s} {kind}")
     from .model_config import portability_problems
 
-    if redis_url and "@" in redis_url:
+    if redis_url:
         from .state_store import ENV_REDIS_URL, redact_url
 
         if redact_url(redis_url) != redis_url:

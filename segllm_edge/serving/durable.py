@@ -8,8 +8,8 @@
   the round count the session had before the round (a conflict means another replica moved on);
 * :meth:`load` -- a conversation this process does not hold (a restart, another replica): restored
   from the store (image encoded again, one prefill), or None when the store has none;
-* :meth:`stale` -- a conversation held in memory whose stored state has more rounds (another replica
-  answered since): the caller reloads it instead of answering from an old state.
+* :meth:`rounds` -- the stored state's round count: a conversation held in memory at another count is
+  stale (another replica answered since) and the caller reloads it instead of answering from an old state.
 """
 from __future__ import annotations
 
@@ -42,12 +42,13 @@ class DurableConversations:
             return None
         return restore_session(blob, backend, make_session=make_session)
 
-    def stale(self, token: str, session) -> bool:
-        have = self.store.rounds(state_key(token))
-        return have is not None and have != len(session.rounds)
+    def rounds(self, token: str) -> int | None:
+        """Rounds of the stored state (None: the store has none). A held conversation whose stored state has
+        more rounds is stale (another replica answered since): the caller reloads it."""
+        return self.store.rounds(state_key(token))
 
     def holds(self, token: str) -> bool:
-        return self.store.rounds(state_key(token)) is not None
+        return self.rounds(token) is not None
 
     def drop(self, token: str) -> None:
         self.store.delete(state_key(token))
