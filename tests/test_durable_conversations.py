@@ -465,3 +465,25 @@ def test_state_options_of_serve_and_triton_repo(golden_export, tmp_path):
     cfg = (out / "segllm" / "config.pbtxt").read_text()
     assert PARAM_STATE_DIR in cfg and str((tmp_path / "states").resolve()) in cfg and PARAM_REDIS_URL not in cfg
     assert 'name: "round"' in cfg
+
+
+def test_replayed_last_round_after_a_restore_is_the_original_answer(model, run):
+    """A retried round answered from a restored state: the original answer in full (mask logits and memory
+    included), and only for the same question and the same references."""
+    from segllm_edge.serving.durable import replay
+
+    s, states = run
+    r = model.restore(states[2])
+    want = s.rounds[1].result
+    text = GOLDEN_QUESTIONS[1].split("[REF:")[0]
+    for question, refs in ((GOLDEN_QUESTIONS[1], None), (text, [1])):      # inline or given: the same refs
+        got = replay(r, 2, question, refs)
+        assert got.mask_logits.shape == want.mask_logits.shape
+        np.testing.assert_array_equal(got.mask_logits, want.mask_logits)
+        assert got.memory == want.memory and got.memory["kv_cache"] > 0
+        assert np.array_equal(got.mask, want.mask) and got.refs == want.refs
+    with pytest.raises(SessionError, match="another question or other references"):
+        replay(r, 2, text, None)                                          # same words, no reference
+    with pytest.raises(SessionError, match="another question or other references"):
+        replay(r, 2, "Segment the green triangle.[REF:1]", None)
+    assert replay(r, 3, GOLDEN_QUESTIONS[2]) is None                      # the next round: run it

@@ -368,7 +368,7 @@ class ConversationService:
             session = self._session(token)       # after the cheap checks: a restore encodes the image
             asked = round_number(inputs)
             try:
-                result = replay(session, asked, question) if asked is not None else None
+                result = replay(session, asked, question, refs) if asked is not None else None
                 if result is None:
                     result = self._round(token, session, question, refs)
             finally:
@@ -451,6 +451,9 @@ def round_response(result, token: str, timings: dict, want_logits: bool = False)
         OUT_CONVERSATION: np.array([token.encode()], dtype=np.object_),
     }
     if want_logits:
+        if np.size(result.mask_logits) == 0:      # a replay from a state saved without them (older versions)
+            raise SessionError(f"round {result.round} was answered again from its stored state, which does not "
+                               "hold its mask logits; ask for it without mask_logits")
         out[OUT_MASK_LOGITS] = np.ascontiguousarray(result.mask_logits, dtype=np.float32)
     return out
 
