@@ -257,6 +257,34 @@ def test_redis_store(run, redis_url):
     assert not any(b"idle" in x for x in store.client.keys("*"))  # keys are hashes, never tokens
 
 
+def test_redis_store_is_cluster_safe_and_keeps_a_running_total(run, redis_url):
+    """One hash tag for all of a store's keys (a script's keys in one Redis Cluster slot); the total cap is read
+    from a running total that puts, deletes and expiry keep equal to the sum of the live states."""
+    import time
+
+    from redis.crc import key_slot
+
+    from segllm_edge.serving.state_store import RedisStore, state_key
+
+    _, states = run
+    store = RedisStore(redis_url, ttl_s=60, prefix="t3:")
+    total = lambda: int(store.client.get(store._total) or 0)  # noqa: E731
+    a, b = state_key("a"), state_key("b")
+    store.put(a, states[1])
+    store.put(b, states[1])
+    store.put(a, states[2], expect=1)
+    assert total() == len(states[1]) + len(states[2]) == store.total_bytes()
+    keys = store.client.keys("{t3:}*")
+    assert len(keys) >= 4 and len({key_slot(k) for k in keys}) == 1
+    store.delete(b)
+    assert total() == len(states[2]) == store.total_bytes()
+    short = RedisStore(redis_url, ttl_s=0.3, prefix="t3:")      # the same store, a short idle timeout
+    short.put(b, states[1])
+    time.sleep(0.5)                                            # b expires; the next write takes it off the total
+    store.put(a, states[2], expect=2)
+    assert total() == len(states[2]) == store.total_bytes()
+
+
 # -- over real servers -----------------------------------------------------------------------------
 class Serve:
     """`segllm-edge serve` in a subprocess (its output in a file), on fresh ports unless given."""
