@@ -172,6 +172,7 @@ def main(argv=None) -> int:
             pss = ""
             if "triton" in which:
                 report.setdefault("pss_per_rep", []).append(server.memory()["pss"])
+                report.setdefault("processes_per_rep", []).append(server.process_memory())
                 pss = f", server PSS {report['pss_per_rep'][-1] / 2**30:.2f} GiB"
             print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in rounds.items() if v)
                   + f" (A {context['A']}, B {context['B']} tokens{pss})", flush=True)
@@ -249,8 +250,10 @@ def main(argv=None) -> int:
           f"{report['pss_over_export']:.2f}x (target <= 1.2x + state: {report['pss_within_target']})")
     print("after, per process: " + _per_process(report["processes_after"]))
     if per_rep:
+        first, last = ({p["model"]: p["pss"] for p in report["processes_per_rep"][i]} for i in (0, -1))
         print(f"server PSS after rep 1: {per_rep[0] / 2**30:.2f} GiB, after rep {len(per_rep)}: "
-              f"{per_rep[-1] / 2**30:.2f} GiB (creep {report['pss_creep_bytes'] / 2**20:+.0f} MiB)")
+              f"{per_rep[-1] / 2**30:.2f} GiB (creep {report['pss_creep_bytes'] / 2**20:+.0f} MiB; per process: "
+              + ", ".join(f"{m} {(b - first.get(m, 0)) / 2**20:+.0f}" for m, b in last.items()) + ")")
     m = report["ratios_of_min"]
     verdicts = {
         "triton_over_local": (r["triton_over_local_at_long"] <= 1.3, f"{r['triton_over_local_at_long']:.2f}x median, "
