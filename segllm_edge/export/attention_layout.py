@@ -101,6 +101,7 @@ def fuse_key_transposes(model) -> int:
         if not _is_flatten_heads(r1, prod, inits) or not _is_unflatten_swapped(r2, x, prod, inits):
             continue
         new = helper.make_node("Transpose", [x], [r2.output[0]], name=f"{t.name}_rank4", perm=[0, 1, 3, 2])
+        new.metadata_props.extend(t.metadata_props)      # the torch scope it came from, for the TensorRT plans
         at = list(g.node).index(r1)   # x is made before r1, r2's consumers come after it
         for n in (r2, t, r1):
             g.node.remove(n)
