@@ -167,6 +167,7 @@ class SegLLMClient:
         self.headers = grpc_headers(api_key)
         self._grpc = grpcclient
         self._client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
+        self._channel_lock = threading.Lock()
 
     def is_ready(self) -> bool:
         try:
@@ -203,16 +204,24 @@ class SegLLMClient:
 
         delays = self.retry.delays() if retry else iter(())
         while True:
+            channel = self._client
             try:
-                return self._client.infer(self.model, inputs, outputs=outs, headers=self.headers,
-                                          client_timeout=self.timeout_s)
+                return channel.infer(self.model, inputs, outputs=outs, headers=self.headers,
+                                     client_timeout=self.timeout_s)
             except InferenceServerException as exc:
                 delay = next(delays, None) if retryable(exc, unsent_only) else None
                 if delay is None:
                     raise map_error(exc) from None
             time.sleep(delay)
-            self._client.close()        # a fresh channel: gRPC's own reconnect backoff would wait longer
-            self._client = g.InferenceServerClient(self.url, **self._tls)
+            self._reconnect(channel)
+
+    def _reconnect(self, failed) -> None:
+        """A fresh channel in place of ``failed`` (gRPC's own reconnect backoff would wait longer), once for all
+        the threads that saw it fail. ``failed`` is not closed here: other sessions' calls may still be on it
+        (a close would cancel them); it closes when the last of them lets go of it."""
+        with self._channel_lock:
+            if self._client is failed:
+                self._client = self._grpc.InferenceServerClient(self.url, **self._tls)
 
 
 def _bytes1(b: bytes) -> np.ndarray:

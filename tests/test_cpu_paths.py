@@ -64,8 +64,9 @@ def test_accuracy_guard_records_per_round_iou(golden_export, tmp_path):
 
 
 def test_openvino_errors_are_clear(golden_export):
-    with pytest.raises(segllm_edge.BackendError, match="hipie_precision"):
-        segllm_edge.load(golden_export, backend="openvino", hipie_precision="int3")
+    for bad in ("int3", ["bf16"], None):     # a bad option value: ConfigError naming it (a list is no TypeError)
+        with pytest.raises(segllm_edge.ConfigError, match="unknown hipie_precision .* use one of fp32, bf16"):
+            segllm_edge.load(golden_export, backend="openvino", hipie_precision=bad)
     with pytest.raises(segllm_edge.BackendError, match="CPU only"):
         segllm_edge.load(golden_export, backend="openvino", device="cuda")
 

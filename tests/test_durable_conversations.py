@@ -257,6 +257,34 @@ def test_redis_store(run, redis_url):
     assert not any(b"idle" in x for x in store.client.keys("*"))  # keys are hashes, never tokens
 
 
+def test_redis_store_is_cluster_safe_and_keeps_a_running_total(run, redis_url):
+    """One hash tag for all of a store's keys (a script's keys in one Redis Cluster slot); the total cap is read
+    from a running total that puts, deletes and expiry keep equal to the sum of the live states."""
+    import time
+
+    from redis.crc import key_slot
+
+    from segllm_edge.serving.state_store import RedisStore, state_key
+
+    _, states = run
+    store = RedisStore(redis_url, ttl_s=60, prefix="t3:")
+    total = lambda: int(store.client.get(store._total) or 0)  # noqa: E731
+    a, b = state_key("a"), state_key("b")
+    store.put(a, states[1])
+    store.put(b, states[1])
+    store.put(a, states[2], expect=1)
+    assert total() == len(states[1]) + len(states[2]) == store.total_bytes()
+    keys = store.client.keys("{t3:}*")
+    assert len(keys) >= 4 and len({key_slot(k) for k in keys}) == 1
+    store.delete(b)
+    assert total() == len(states[2]) == store.total_bytes()
+    short = RedisStore(redis_url, ttl_s=0.3, prefix="t3:")      # the same store, a short idle timeout
+    short.put(b, states[1])
+    time.sleep(0.5)                                            # b expires; the next write takes it off the total
+    store.put(a, states[2], expect=2)
+    assert total() == len(states[2]) == store.total_bytes()
+
+
 # -- over real servers -----------------------------------------------------------------------------
 class Serve:
     """`segllm-edge serve` in a subprocess (its output in a file), on fresh ports unless given."""
@@ -465,3 +493,25 @@ def test_state_options_of_serve_and_triton_repo(golden_export, tmp_path):
     cfg = (out / "segllm" / "config.pbtxt").read_text()
     assert PARAM_STATE_DIR in cfg and str((tmp_path / "states").resolve()) in cfg and PARAM_REDIS_URL not in cfg
     assert 'name: "round"' in cfg
+
+
+def test_replayed_last_round_after_a_restore_is_the_original_answer(model, run):
+    """A retried round answered from a restored state: the original answer in full (mask logits and memory
+    included), and only for the same question and the same references."""
+    from segllm_edge.serving.durable import replay
+
+    s, states = run
+    r = model.restore(states[2])
+    want = s.rounds[1].result
+    text = GOLDEN_QUESTIONS[1].split("[REF:")[0]
+    for question, refs in ((GOLDEN_QUESTIONS[1], None), (text, [1])):      # inline or given: the same refs
+        got = replay(r, 2, question, refs)
+        assert got.mask_logits.shape == want.mask_logits.shape
+        np.testing.assert_array_equal(got.mask_logits, want.mask_logits)
+        assert got.memory == want.memory and got.memory["kv_cache"] > 0
+        assert np.array_equal(got.mask, want.mask) and got.refs == want.refs
+    with pytest.raises(SessionError, match="another question or other references"):
+        replay(r, 2, text, None)                                          # same words, no reference
+    with pytest.raises(SessionError, match="another question or other references"):
+        replay(r, 2, "Segment the green triangle.[REF:1]", None)
+    assert replay(r, 3, GOLDEN_QUESTIONS[2]) is None                      # the next round: run it

@@ -83,3 +83,17 @@ def test_budget_plan_skips_what_would_not_fit():
     assert sum(run.STEP_CAP_S.values()) <= 480              # every step fits the 8 minutes together
     assert not run.needs_cuda({"fidelity", "kernels", "bench"}) and run.needs_cuda({"install"})
     assert run.golden_questions()[0] == "Segment the red circle."
+
+
+def test_bench_checkpoint_is_written_in_bf16(tmp_path):
+    """The 7B bench checkpoint is drawn and written in bf16 (fp32 at 32 layers is ~26 GB), at a small size here."""
+    from safetensors import safe_open
+
+    run = _module()
+    ck = run.build_bench_checkpoint(tmp_path / "ck", dict(hidden=64, heads=4, intermediate=128, layers=1,
+                                                          clip_hidden=64, clip_layers=1))
+    dtypes = set()
+    for f in ck.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            dtypes |= {str(st.get_slice(k).get_dtype()) for k in st.keys() if "layers.0.mlp" in k}
+    assert dtypes == {"BF16"}

@@ -14,6 +14,7 @@ import torch
 from ..errors import CheckpointError
 from .graphs import GRAPH_MODULES, dynamic_shapes, example_inputs
 from ..contracts.manifest import Manifest, build_manifest
+from .attention_layout import rewrite_graph_file
 from .hipie_fast import FAST_GRAPHS, HIPIE_GRAPH_VARIANT, fast_hipie
 from .streamed import DEFAULT_OPSET as OPSET, QUIET_LOGGERS
 
@@ -98,6 +99,8 @@ def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False
     onnx.checker.check_model(str(path))
     notes = {"exporter": f"torch.onnx dynamo (torch {torch.__version__})", "opset": OPSET,
              "external_data": n_bytes > EXTERNAL_DATA_BYTES, "weights_bytes": int(n_bytes)}
+    if name == "llm":   # Q @ K^T reads the key cache in place (no copy of it per layer and round)
+        notes["key_transposes_fused"] = rewrite_graph_file(path)
     if fast:
         notes["variant"] = HIPIE_GRAPH_VARIANT
     return notes
@@ -219,6 +222,8 @@ def export_streamed_graph(loaded, name: str, spec, path: Path, precision: str) -
     notes = {"exporter": f"torch.onnx dynamo (torch {torch.__version__}), weights streamed",
              "opset": OPSETS.get(precision, OPSET),
              "external_data": external, "weights_bytes": int(n_bytes), "precision": precision}
+    if name == "llm":
+        notes["key_transposes_fused"] = rewrite_graph_file(path)
     if quantized:
         notes["quantized_matmuls"] = quantized
     return notes

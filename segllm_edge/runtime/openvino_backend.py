@@ -25,7 +25,7 @@ import numpy as np
 
 from ..contracts.export_folder import open_export
 from ..contracts.ort import require_onnxruntime
-from ..errors import BackendError, CheckpointError
+from ..errors import BackendError, CheckpointError, ConfigError
 from .ort_backend import OrtBackend
 
 HIPIE_GRAPHS = ("mask_backbone", "mask_decoder")
@@ -121,9 +121,9 @@ class OpenVinoBackend(OrtBackend):
                     **_ignored) -> "OpenVinoBackend":
         if str(device) != "cpu":
             raise BackendError(f"the openvino backend runs on the CPU only, not {device!r}")
-        if hipie_precision not in HIPIE_PRECISIONS:
-            raise BackendError(f"unknown hipie_precision {hipie_precision!r}; use one of "
-                               f"{', '.join(HIPIE_PRECISIONS)}")
+        if not isinstance(hipie_precision, str) or hipie_precision not in HIPIE_PRECISIONS:   # a bad value: ConfigError
+            raise ConfigError(f"unknown hipie_precision {hipie_precision!r} for the openvino backend; use one of "
+                              f"{', '.join(HIPIE_PRECISIONS)} (INT8 HIPIE: backend='onnxruntime', hipie_int8=True)")
         ov = require_openvino()
         export = open_export(Path(path))
         folder, manifest = export.folder, export.manifest

@@ -12,6 +12,7 @@ from ..contracts import ort as ortc
 from ..contracts.precisions import numpy_dtype
 from ..errors import BackendError, CheckpointError
 from ..pipeline.tokenizer import SegLLMTokenizer
+from .arena import llm_run_options
 from .kv_cache import HostKVCache
 from .shared_weights import CLIP_GRAPHS, open_sessions_sharing_weights
 
@@ -79,10 +80,11 @@ class OrtBackend:
         return cls(export, SegLLMTokenizer.from_folder(export.tokenizer_dir), sessions, export.embed_table())
 
     # ------------------------------------------------------------------ helpers
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], run_options=None) -> list[np.ndarray]:
         dt = self._dtypes[graph]
         feeds = {k: np.ascontiguousarray(v, dtype=dt[k]) for k, v in feeds.items()}
-        return self.sessions[graph].run(None, feeds)
+        sess = self.sessions[graph]
+        return sess.run(None, feeds) if run_options is None else sess.run(None, feeds, run_options)
 
     # ----------------------------------------------------------------- protocol
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
@@ -104,7 +106,8 @@ class OrtBackend:
             cache = self.new_cache()
         feeds = {"inputs_embeds": embeds}
         feeds.update(zip(self._past, cache.arrays))
-        out = self._run("llm", feeds)
+        # after a prefill the llm's arena gives back what it grew by
+        out = self._run("llm", feeds, llm_run_options(self.sessions["llm"], np.shape(embeds)[1]))
         if keep:
             cache.arrays = out[1:]
         return out[0]

@@ -2,7 +2,9 @@
 
 What is saved is the conversation's *durable part*: the image (its encoded bytes), and per round the
 question, references, token ids, the masks (bit-packed), boxes, score, the crop box and -- once a later
-round referred to it -- the round's mask tokens.  Not the KV cache, the image features or the crop
+round referred to it -- the round's mask tokens; for the last round also its (256, 256) mask logits (256 KiB),
+so that a retried last round is answered again in full (the memory figures each round reported are in
+``meta``).  Not the KV cache, the image features or the crop
 pixels: :func:`restore_session` encodes the image again, rebuilds the KV cache of every round with
 ONE prefill over the whole conversation and recomputes each crop from its mask and box; the mask
 decoder never runs for an old round.  The next round of a restored session is the round an
@@ -168,9 +170,12 @@ def save_session(session) -> bytes:
         arrays[p + "bbox_vec"] = np.asarray(r.bbox_vec, dtype=np.float32).reshape(4)
         if r.mask_tokens is not None:
             arrays[p + "mask_tokens"] = np.asarray(host(r.mask_tokens), dtype=np.float32)
+        if i == len(session.rounds) - 1 and np.size(res.mask_logits):   # a replay of the last round answers all
+            arrays[p + "mask_logits"] = np.asarray(host(res.mask_logits), dtype=np.float32)
         rounds.append({"question": r.question, "refs": list(r.refs), "score": float(res.score),
                        "query_index": int(res.query_index), "new_tokens": int(res.new_tokens),
-                       "context_tokens": int(res.context_tokens)})
+                       "context_tokens": int(res.context_tokens),
+                       "memory": {k: int(v) for k, v in res.memory.items()}})
     meta = {"identity": model_identity(session.backend), "reuse": bool(session.reuse),
             "image_hw": list(session.rgb.shape[:2]), "rounds": rounds, "saved_at": time.time()}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -290,8 +295,10 @@ def restore_session(blob: bytes, backend, make_session=None, **session_kw):
             result = RoundResult(
                 round=i + 1, question=rm["question"], refs=tuple(rm["refs"]), mask=mask,
                 box=arrays[p + "box"], model_mask=model_mask, model_box=arrays[p + "model_box"],
-                mask_logits=np.zeros((0, 0), np.float32), score=rm["score"], query_index=rm["query_index"],
-                timings={}, new_tokens=rm["new_tokens"], context_tokens=rm["context_tokens"])
+                mask_logits=arrays.get(p + "mask_logits", np.zeros((0, 0), np.float32)),
+                score=rm["score"], query_index=rm["query_index"],
+                timings={}, new_tokens=rm["new_tokens"], context_tokens=rm["context_tokens"],
+                memory=dict(rm.get("memory", {})))
             tokens = arrays.get(p + "mask_tokens")
             session.rounds.append(_Round(rm["question"], tuple(rm["refs"]), [int(v) for v in arrays[p + "ids"]],
                                          result, clip_preprocess(crop, size), bbox_vec, tokens))

@@ -43,6 +43,7 @@ from ..contracts.serving import (BLS_GRAPHS, PARAM_THREADS, TIMINGS_IN_PROCESS, 
                                  TIMINGS_CALLS)
 from ..errors import BackendError, ImageError, QuestionError, RoundReferenceError, SessionError
 from ..pipeline.tokenizer import SegLLMTokenizer
+from ..runtime.arena import llm_run_options
 from ..runtime.kv_cache import HostKVCache
 from ..runtime.session import Session
 from ..runtime.transaction import snapshot
@@ -89,12 +90,12 @@ class TritonBlsBackend:
         self.local_ms: dict[str, float] = {}   # time spent running BLS_GRAPHS here (BLS overhead = the rest)
 
     # -- helpers -------------------------------------------------------------------------------
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], run_options=None) -> list[np.ndarray]:
         ins, outs, dts = self._io[graph]
         feeds = {k: np.ascontiguousarray(v, dtype=dts[k]) for k, v in feeds.items()}
         t0 = time.perf_counter()
         if graph in self.local:
-            got = self.local.run(graph, feeds, outs)
+            got = self.local.run(graph, feeds, outs, run_options)
             self.local_ms[graph] = self.local_ms.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
             return got
         got = self.call(graph, feeds, outs)
@@ -132,7 +133,8 @@ class TritonBlsBackend:
         emb_name = self._io["llm"][0][0]
         feeds = {emb_name: embeds}
         feeds.update(zip(self._past, cache.arrays))
-        out = self._run("llm", feeds)
+        # after a prefill the llm's arena gives back what it grew by
+        out = self._run("llm", feeds, llm_run_options(getattr(self.local, "sessions", {}).get("llm"), np.shape(embeds)[1]))
         if keep:
             cache.arrays = [np.ascontiguousarray(a) for a in out[1:]]
         return out[0]
@@ -366,7 +368,7 @@ class ConversationService:
             session = self._session(token)       # after the cheap checks: a restore encodes the image
             asked = round_number(inputs)
             try:
-                result = replay(session, asked, question) if asked is not None else None
+                result = replay(session, asked, question, refs) if asked is not None else None
                 if result is None:
                     result = self._round(token, session, question, refs)
             finally:
@@ -449,6 +451,9 @@ def round_response(result, token: str, timings: dict, want_logits: bool = False)
         OUT_CONVERSATION: np.array([token.encode()], dtype=np.object_),
     }
     if want_logits:
+        if np.size(result.mask_logits) == 0:      # a replay from a state saved without them (older versions)
+            raise SessionError(f"round {result.round} was answered again from its stored state, which does not "
+                               "hold its mask logits; ask for it without mask_logits")
         out[OUT_MASK_LOGITS] = np.ascontiguousarray(result.mask_logits, dtype=np.float32)
     return out
 

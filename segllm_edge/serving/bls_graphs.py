@@ -87,10 +87,11 @@ class BlsGraphs:
         finally:
             self.run_ms["llm"] = self.run_ms.get("llm", 0.0) + (time.perf_counter() - t0) * 1e3
 
-    def run(self, graph: str, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+    def run(self, graph: str, feeds: Mapping[str, np.ndarray], outputs: Sequence[str],
+            run_options=None) -> list[np.ndarray]:
         t0 = time.perf_counter()
         try:
-            return self.sessions[graph].run(list(outputs), dict(feeds))
+            return self.sessions[graph].run(list(outputs), dict(feeds), run_options)
         finally:
             self.run_ms[graph] = self.run_ms.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
 

@@ -54,18 +54,27 @@ class DurableConversations:
         self.store.delete(state_key(token))
 
 
-def replay(session, round_no: int, question: str):
+def replay(session, round_no: int, question: str, refs=None):
     """The stored result of ``round_no`` when a client repeats the request of the round it asked last (its
-    answer was lost with a crash after the state was written); SessionError for any other round number."""
+    answer was lost with a crash after the state was written): the same question and the same references
+    (given + inline, as the round merged them). SessionError for any other round number, or for a request
+    that repeats the last round's number with another question or other references."""
     n = len(session.rounds)
     if round_no == n + 1:
         return None                              # the next round: run it
     if round_no == n and n:
+        from .. import limits
         from ..pipeline.tokenizer import split_refs
 
         r = session.rounds[-1]
-        if split_refs(question)[0] == r.question:
+        text, inline = split_refs(question)
+        given = list(limits.check_refs(refs))
+        merged = tuple(int(x) for x in given + [x for x in inline if x not in given])
+        if text == r.question and merged == tuple(int(x) for x in r.refs):
             return r.result
+        raise SessionError(f"the request asks for round {round_no} again, which this conversation answered for "
+                           f"another question or other references (refs {list(r.refs)}, this request's "
+                           f"{list(merged)}); the next round is {n + 1}")
     raise SessionError(f"the request asks for round {round_no}, but this conversation has {n} answered "
                        f"round(s); the next one is {n + 1}")
 

@@ -235,17 +235,24 @@ class DirectoryStore(StateStore):
 # --------------------------------------------------------------------------------------------
 # Redis
 # --------------------------------------------------------------------------------------------
+#: KEYS: the conversation's hash, the expiry index, the sizes hash, the running total. Every write costs
+#: O(1) + the conversations expired since the last write (their sizes leave the total), never a scan of all.
 _PUT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-for _, m in ipairs(gone) do redis.call('HDEL', KEYS[3], m) end
+for _, m in ipairs(gone) do
+  local s = redis.call('HGET', KEYS[3], m)
+  if s then
+    redis.call('HDEL', KEYS[3], m)
+    redis.call('DECRBY', KEYS[4], s)
+  end
+end
 if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
 local cur = redis.call('HGET', KEYS[1], 'rounds')
 if ARGV[4] ~= '' and cur ~= ARGV[4] then return {-1, cur or ''} end
 local mine = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
-local total = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[3])) do total = total + tonumber(v) end
+local total = tonumber(redis.call('GET', KEYS[4]) or '0')
 local size = string.len(ARGV[2])
 if total - mine + size > tonumber(ARGV[6]) then return {-2, tostring(total - mine)} end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'rounds', ARGV[3])
@@ -258,7 +265,19 @@ else
   redis.call('ZADD', KEYS[2], '+inf', ARGV[1])
 end
 redis.call('HSET', KEYS[3], ARGV[1], size)
+redis.call('INCRBY', KEYS[4], size - mine)
 return {0, ''}
+"""
+
+_DELETE = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local s = redis.call('HGET', KEYS[3], ARGV[1])
+if s then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('DECRBY', KEYS[4], s)
+end
+return 1
 """
 
 _TOUCH = """
@@ -276,7 +295,11 @@ return 1
 
 class RedisStore(StateStore):
     """States in Redis at ``url`` (``redis://host:port/db``), under ``prefix``: shared by every replica.
-    Expiry is Redis's own (``PEXPIRE``); the caps are checked by one Lua script per write."""
+    Expiry is Redis's own (``PEXPIRE``); the caps are checked by one Lua script per write.
+
+    Every key is under the hash tag ``{prefix}`` (``{segllm:}c:<key>``, ``{segllm:}index``, ...), so a script's
+    keys lie in one slot and the store runs on Redis Cluster too (the total cap needs the conversations and
+    the running total in one place: one slot holds this store, which its total cap sizes for one node)."""
 
     kind = "redis"
 
@@ -293,9 +316,10 @@ class RedisStore(StateStore):
             self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         except ValueError as exc:
             raise ConfigError(f"unusable --redis-url {redact_url(url)!r}: {exc}") from None
-        self.prefix = prefix
-        self._index, self._sizes = prefix + "index", prefix + "sizes"
+        self.prefix = "{" + prefix + "}"          # the hash tag: every key of this store in one Cluster slot
+        self._index, self._sizes, self._total = (self.prefix + n for n in ("index", "sizes", "total"))
         self._put = self.client.register_script(_PUT)
+        self._delete = self.client.register_script(_DELETE)
         self._touch = self.client.register_script(_TOUCH)
         self._call(self.client.ping)
 
@@ -315,7 +339,7 @@ class RedisStore(StateStore):
     def put(self, key: str, state: bytes, expect: int | None = None) -> None:
         self._check_size(state)
         n = peek_rounds(state[:HEADER_BYTES])
-        code, detail = self._call(self._put, keys=[self._k(key), self._index, self._sizes],
+        code, detail = self._call(self._put, keys=[self._k(key), self._index, self._sizes, self._total],
                                   args=[key, bytes(state), n, "" if expect is None else int(expect), self._ttl_ms(),
                                         self.max_total_bytes])
         if code == -1:
@@ -334,11 +358,7 @@ class RedisStore(StateStore):
         return None if v is None else int(v)
 
     def delete(self, key: str) -> None:
-        pipe = self.client.pipeline()
-        pipe.delete(self._k(key))
-        pipe.zrem(self._index, key)
-        pipe.hdel(self._sizes, key)
-        self._call(pipe.execute)
+        self._call(self._delete, keys=[self._k(key), self._index, self._sizes, self._total], args=[key])
 
     def total_bytes(self) -> int:
         now_ms = int(time.time() * 1000)
