@@ -114,14 +114,18 @@ def test_bf16_ffn_path_loads_and_is_not_a_default_without_its_guard(golden_expor
     export = _linked_copy(golden_export, tmp_path)
     if C.OV_BF16_FFN not in C.available_cpu_paths(export):
         pytest.skip("this CPU has no bf16")
-    model = C.OV_BF16_FFN.load(export)
+    _loads_ffn_path_and_is_default_only_with_its_guard(export, C.OV_BF16_FFN, "bf16")
+
+
+def _loads_ffn_path_and_is_default_only_with_its_guard(export, path, ffn: str):
+    model = path.load(export)
     engines = json.loads(model.backend.describe())["engines"]
-    assert engines["mask_decoder"] == "OpenVINO CPU f32+ffn-bf16" and engines["mask_backbone"] == "OpenVINO CPU f32"
-    assert "precision=fp32+hipie-bf16-ffn" in repr(model)
+    assert engines["mask_decoder"] == f"OpenVINO CPU f32+ffn-{ffn}" and engines["mask_backbone"] == "OpenVINO CPU f32"
+    assert f"precision=fp32+hipie-{ffn}-ffn" in repr(model)
     assert C.default_cpu_path(export) == C.OV_FP32
     record = {"mask_iou_per_round": [1.0, 0.995], "worst": 0.995, "passed": True, "cpu": C.cpu_name()}
-    (export / C.GUARD_FILE).write_text(json.dumps({"paths": {"openvino-bf16-ffn": record}}))
-    assert C.default_cpu_path(export) == C.OV_BF16_FFN
+    (export / C.GUARD_FILE).write_text(json.dumps({"paths": {path.name: record}}))
+    assert C.default_cpu_path(export) == path
 
 
 def test_guard_counts_a_round_that_cannot_run_as_failed():
@@ -193,11 +197,4 @@ def test_int8_ffn_path_quantizes_only_the_feed_forward_and_is_not_a_default_with
     f32_weights = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"
                    and op.input_value(1).get_node().get_type_name() == "Constant"]
     assert f32_weights                                        # sampling offsets, projections, heads stay f32
-    loaded = C.OV_INT8_FFN.load(export)
-    engines = json.loads(loaded.backend.describe())["engines"]
-    assert engines["mask_decoder"] == "OpenVINO CPU f32+ffn-int8" and engines["mask_backbone"] == "OpenVINO CPU f32"
-    assert "precision=fp32+hipie-int8-ffn" in repr(loaded)
-    assert C.default_cpu_path(export) == C.OV_FP32
-    record = {"mask_iou_per_round": [1.0, 0.995], "worst": 0.995, "passed": True, "cpu": C.cpu_name()}
-    (export / C.GUARD_FILE).write_text(json.dumps({"paths": {"openvino-int8-ffn": record}}))
-    assert C.default_cpu_path(export) == C.OV_INT8_FFN
+    _loads_ffn_path_and_is_default_only_with_its_guard(export, C.OV_INT8_FFN, "int8")
