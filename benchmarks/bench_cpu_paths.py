@@ -3,11 +3,14 @@ export vs plain OpenVINO fp32 on the old graphs, in one run, alternating, with m
 
     python benchmarks/bench_cpu_paths.py --old-export OLD --export NEW [--repeats 1] [--threads 2]
 
-OLD is an export written by the code at commit edac365 (the release before the HIPIE graph rewrites):
+OLD is an export written by the code at commit edac365 (the release before the HIPIE graph rewrites). Run the
+export from outside this repository: from its root, ``python -c`` imports this checkout's ``segllm_edge`` before
+PYTHONPATH's (that is how an earlier OLD came out as a rewritten graph); the script refuses an OLD whose manifest
+records a HIPIE graph variant:
 
-    git worktree add /tmp/edac365 edac365
-    PYTHONPATH=/tmp/edac365 python -c "from segllm_edge.export.onnx_export import export_model; \\
-        export_model('CKPT', 'OLD')"
+    git worktree add /tmp/edac365 edac365 && cd /tmp
+    PYTHONPATH=/tmp/edac365 python -c "import segllm_edge; assert segllm_edge.__file__.startswith('/tmp/edac365'); \\
+        from segllm_edge.export.onnx_export import export_model; export_model('CKPT', 'OLD', drift_report=False)"
 
 NEW is an export by this code (``segllm-edge export``) of the same golden-size checkpoint (tests/conftest.py:
 tiny LLM and CLIP, full HIPIE-R50); ``--int8`` writes its INT8-FFN mask decoder first if it is missing.
@@ -39,6 +42,12 @@ def golden_masks() -> list[np.ndarray]:
     return [np.unpackbits(data[f"r{r}/final_mask_packed"]).astype(bool).reshape(1024, 1024) for r in (1, 2, 3)]
 
 
+def old_export_variant(export: Path) -> str | None:
+    """The HIPIE graph variant an export's manifest records (edac365 recorded none)."""
+    manifest = json.loads((export / "manifest.json").read_text())
+    return manifest.get("extra", {}).get("graphs", {}).get("mask_decoder", {}).get("variant")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old-export", type=Path, required=True, help="export written by commit edac365")
@@ -50,6 +59,10 @@ def main(argv=None) -> int:
     ap.add_argument("--int8", action="store_true", help="write the INT8-FFN mask decoder if missing")
     ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
+    variant = old_export_variant(args.old_export)
+    if variant:
+        ap.error(f"--old-export {args.old_export} was not written by commit edac365: its mask decoder is the "
+                 f"rewritten graph ({variant!r}); see the docstring for how to export with the edac365 code")
 
     import segllm_edge
     from segllm_edge.bench import machine_info

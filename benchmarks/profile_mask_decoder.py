@@ -2,7 +2,7 @@
 CPU plugin (``PERF_COUNT``) or onnxruntime's profiler, on random inputs of the manifest's shapes.
 
     python benchmarks/profile_mask_decoder.py --export DIR [--runtime openvino|onnxruntime] [--threads 2]
-        [--precision f32|bf16|bf16-ffn] [--top 25]
+        [--precision f32|bf16|bf16-ffn|int8-ffn] [--top 25]
 
 Prints the wall time of two runs after a warm-up, then op type (and OpenVINO's kernel) → ms, share, count, and
 the slowest single nodes. Reports, does not assert. docs/cpu.md quotes its output.
@@ -30,13 +30,17 @@ def feeds_for(manifest) -> dict:
 def profile_openvino(path: Path, feeds: dict, threads: int, precision: str):
     import openvino as ov
 
-    from segllm_edge.runtime.openvino_mixed import read_ffn_bf16
+    from segllm_edge.runtime.openvino_backend import FFN_PRECISIONS
+    from segllm_edge.runtime.openvino_mixed import INT8_DYNAMIC_GROUP_SIZE, read_ffn
 
     core = ov.Core()
-    model = read_ffn_bf16(core, path) if precision == "bf16-ffn" else core.read_model(str(path))
-    hint = "f32" if precision == "bf16-ffn" else precision
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-                                                 "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True})
+    ffn = FFN_PRECISIONS.get(precision)
+    model = read_ffn(core, path, ffn) if ffn else core.read_model(str(path))
+    config = {"INFERENCE_PRECISION_HINT": "f32" if ffn else precision, "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True}
+    if ffn == "int8":
+        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = INT8_DYNAMIC_GROUP_SIZE
+    compiled = core.compile_model(model, "CPU", config)
     req = compiled.create_infer_request()
     req.infer(feeds)
     walls = []
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--export", type=Path, required=True)
     ap.add_argument("--runtime", choices=("openvino", "onnxruntime"), default="openvino")
-    ap.add_argument("--precision", choices=("f32", "bf16", "bf16-ffn"), default="f32", help="OpenVINO only")
+    ap.add_argument("--precision", choices=("f32", "bf16", "bf16-ffn", "int8-ffn"), default="f32", help="OpenVINO only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)

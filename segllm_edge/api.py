@@ -107,8 +107,8 @@ def load(path: str | Path, backend: str | None = None, dtype="auto", device: str
       fastest CPU path that is exact or passed the accuracy guard
       (:func:`segllm_edge.runtime.cpu_paths.default_cpu_path`; ``repr(model)`` names it), on a GPU on
       ``"onnxruntime"``; a checkpoint folder on ``"torch"``;
-    * ``"openvino"``: an export folder on OpenVINO's CPU plugin (``hipie_precision="fp32"|"bf16"|"bf16-ffn"``,
-      ``threads=``);
+    * ``"openvino"``: an export folder on OpenVINO's CPU plugin
+      (``hipie_precision="fp32"|"bf16"|"bf16-ffn"|"int8-ffn"``, ``threads=``);
     * ``"torch"``: a checkpoint folder, PyTorch on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) in ``dtype``
       (``"auto"`` = fp32; ``"fp16"``/``"bf16"`` for the LLM and CLIP). Needs the ``[export]`` extra;
     * ``"onnxruntime"``: an export folder (``segllm-edge export``) on ``device`` (``"cpu"`` or ``"cuda"``:

@@ -115,14 +115,18 @@ def test_bf16_ffn_path_loads_and_is_not_a_default_without_its_guard(golden_expor
     export = _linked_copy(golden_export, tmp_path)
     if C.OV_BF16_FFN not in C.available_cpu_paths(export):
         pytest.skip("this CPU has no bf16")
-    model = C.OV_BF16_FFN.load(export)
+    _loads_ffn_path_and_is_default_only_with_its_guard(export, C.OV_BF16_FFN, "bf16")
+
+
+def _loads_ffn_path_and_is_default_only_with_its_guard(export, path, ffn: str):
+    model = path.load(export)
     engines = json.loads(model.backend.describe())["engines"]
-    assert engines["mask_decoder"] == "OpenVINO CPU f32+ffn-bf16" and engines["mask_backbone"] == "OpenVINO CPU f32"
-    assert "precision=fp32+hipie-bf16-ffn" in repr(model)
+    assert engines["mask_decoder"] == f"OpenVINO CPU f32+ffn-{ffn}" and engines["mask_backbone"] == "OpenVINO CPU f32"
+    assert f"precision=fp32+hipie-{ffn}-ffn" in repr(model)
     assert C.default_cpu_path(export) == C.OV_FP32
     record = {"mask_iou_per_round": [1.0, 0.995], "worst": 0.995, "passed": True, "cpu": C.cpu_name()}
-    (export / C.GUARD_FILE).write_text(json.dumps({"paths": {"openvino-bf16-ffn": record}}))
-    assert C.default_cpu_path(export) == C.OV_BF16_FFN
+    (export / C.GUARD_FILE).write_text(json.dumps({"paths": {path.name: record}}))
+    assert C.default_cpu_path(export) == path
 
 
 def test_guard_counts_a_round_that_cannot_run_as_failed():
@@ -150,3 +154,48 @@ def test_guard_counts_a_round_that_cannot_run_as_failed():
     assert got[0].shape == (4, 4) and got[1:] == [None, None]
     with pytest.raises(RoundReferenceError):
         C.conversation_masks(Model(), None, GOLDEN_QUESTIONS)
+
+
+def test_int8_weights_keep_one_scale_per_output_channel():
+    """A MatMul whose weight columns differ by orders of magnitude stays accurate in every output column
+    (one scale per output channel; a scale per input row would wipe out the small columns)."""
+    import numpy as np
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from segllm_edge.runtime.openvino_mixed import matmuls_to_int8_weights
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 8)) * 10.0 ** np.arange(-3, 5)).astype(np.float32)    # K=64, N=8
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    for transpose_b in (False, True):
+        p = ops.parameter([16, 64], ov.Type.f32)
+        mm = ops.matmul(p, ops.constant(w.T.copy() if transpose_b else w), False, transpose_b)
+        model = ov.Model([mm], [p])
+        assert matmuls_to_int8_weights(model, [mm]) == 1
+        assert any(op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8
+                   for op in model.get_ordered_ops())
+        got = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                     "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0})(x)[0]
+        want = x @ w
+        err = np.abs(got - want).max(0) / np.abs(want).max(0)
+        assert err.max() < 0.02, (transpose_b, err)
+
+
+def test_int8_ffn_path_quantizes_only_the_feed_forward_and_is_not_a_default_without_its_guard(golden_export,
+                                                                                              tmp_path):
+    import openvino as ov
+
+    from segllm_edge.runtime.openvino_mixed import FFN_WEIGHT_SHAPES, read_ffn
+
+    export = _linked_copy(golden_export, tmp_path)
+    if C.OV_INT8_FFN not in C.available_cpu_paths(export):
+        pytest.skip("this CPU has no INT8 kernels")
+    model = read_ffn(ov.Core(), export / "mask_decoder.onnx", "int8")
+    int8 = [op for op in model.get_ordered_ops()
+            if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8]
+    assert len(int8) == 24 and {tuple(op.get_output_shape(0)) for op in int8} <= FFN_WEIGHT_SHAPES
+    f32_weights = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"
+                   and op.input_value(1).get_node().get_type_name() == "Constant"]
+    assert f32_weights                                        # sampling offsets, projections, heads stay f32
+    _loads_ffn_path_and_is_default_only_with_its_guard(export, C.OV_INT8_FFN, "int8")

@@ -6,8 +6,8 @@ that is exact (fp32) or whose reduced precision passed the accuracy guard (mask 
 round) on this export and this CPU, as recorded in ``<export>/cpu_guard.json`` by :func:`accuracy_guard`.
 
 Order (fastest first, measured by ``benchmarks/bench_cpu_paths.py``, see docs/cpu.md): OpenVINO with bf16 HIPIE,
-OpenVINO with only the mask decoder's feed-forward MatMuls in bf16, onnxruntime with the INT8-FFN mask decoder
-(these three only with a passing guard), OpenVINO fp32, onnxruntime fp32.
+OpenVINO with only the mask decoder's feed-forward MatMuls in INT8, the same in bf16, onnxruntime with the
+INT8-FFN mask decoder (these four only with a passing guard), OpenVINO fp32, onnxruntime fp32.
 """
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ ORT_FP32 = CpuPath("onnxruntime-fp32", "onnxruntime")
 OV_FP32 = CpuPath("openvino-fp32", "openvino", {"hipie_precision": "fp32"})
 OV_BF16 = CpuPath("openvino-bf16", "openvino", {"hipie_precision": "bf16"}, exact=False)
 OV_BF16_FFN = CpuPath("openvino-bf16-ffn", "openvino", {"hipie_precision": "bf16-ffn"}, exact=False)
+OV_INT8_FFN = CpuPath("openvino-int8-ffn", "openvino", {"hipie_precision": "int8-ffn"}, exact=False)
 ORT_INT8 = CpuPath("onnxruntime-int8", "onnxruntime", {"hipie_int8": True}, exact=False)
 #: fastest first
-ALL_PATHS = (OV_BF16, OV_BF16_FFN, ORT_INT8, OV_FP32, ORT_FP32)
+ALL_PATHS = (OV_BF16, OV_INT8_FFN, OV_BF16_FFN, ORT_INT8, OV_FP32, ORT_FP32)
 
 
 def cpu_name() -> str:
@@ -63,7 +64,7 @@ def available_cpu_paths(export_dir) -> list[CpuPath]:
     decoder written?), fastest first."""
     from ..contracts.hipie_int8 import int8_path
     from ..contracts.manifest import Manifest
-    from .openvino_backend import cpu_has_bf16, openvino_available
+    from .openvino_backend import cpu_has_bf16, cpu_has_int8, openvino_available
     from ..contracts.ort import require_onnxruntime
 
     try:
@@ -74,7 +75,8 @@ def available_cpu_paths(export_dir) -> list[CpuPath]:
     ov = openvino_available()
     decoder = Path(export_dir) / Manifest.load(export_dir).graphs["mask_decoder"].file
     bf16 = ov and cpu_has_bf16()
-    ok = {OV_BF16.name: bf16, OV_BF16_FFN.name: bf16, ORT_INT8.name: ort and int8_path(decoder).is_file(),
+    ok = {OV_BF16.name: bf16, OV_BF16_FFN.name: bf16, OV_INT8_FFN.name: ov and cpu_has_int8(),
+          ORT_INT8.name: ort and int8_path(decoder).is_file(),
           OV_FP32.name: ov, ORT_FP32.name: ort}
     return [p for p in ALL_PATHS if ok[p.name]]
 

@@ -8,7 +8,9 @@ defaults to bf16 on CPUs that have it; this backend always sets the inference pr
 * ``hipie_precision="bf16"``: the two HIPIE graphs (``mask_backbone``, ``mask_decoder``) in ``bf16`` (faster on
   CPUs with avx512_bf16 / AMX), the other graphs ``f32``;
 * ``hipie_precision="bf16-ffn"``: only the mask decoder's feed-forward MatMuls in bf16, every other node of every
-  graph f32 (:mod:`.openvino_mixed`).
+  graph f32 (:mod:`.openvino_mixed`);
+* ``hipie_precision="int8-ffn"``: only the mask decoder's feed-forward MatMuls in INT8 (int8 weights, activations
+  quantized at run time; CPUs with INT8 support, e.g. avx512_vnni), every other node f32 (:mod:`.openvino_mixed`).
 
 Check a reduced precision's accuracy with :func:`segllm_edge.runtime.cpu_paths.accuracy_guard` before using it.
 
@@ -29,8 +31,9 @@ from ..errors import BackendError, CheckpointError, ConfigError
 from .ort_backend import OrtBackend
 
 HIPIE_GRAPHS = ("mask_backbone", "mask_decoder")
-HIPIE_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "bf16-ffn": "f32"}  # → the HIPIE graphs' precision hint
-FFN_BF16_GRAPHS = ("mask_decoder",)   # graphs whose feed-forward MatMuls hipie_precision="bf16-ffn" makes bf16
+HIPIE_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "bf16-ffn": "f32", "int8-ffn": "f32"}  # → HIPIE graphs' hint
+FFN_BF16_GRAPHS = ("mask_decoder",)   # graphs whose feed-forward MatMuls "bf16-ffn"/"int8-ffn" change
+FFN_PRECISIONS = {"bf16-ffn": "bf16", "int8-ffn": "int8"}   # hipie_precision → the FFN MatMuls' precision
 OPENVINO_INSTALL_HINT = "OpenVINO is not installed: `pip install 'segllm-edge[openvino]'`"
 
 
@@ -60,6 +63,15 @@ def cpu_has_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+def cpu_has_int8() -> bool:
+    """Whether OpenVINO's CPU plugin has INT8 kernels here (VNNI / AMX, or its AVX2/AVX-512 emulation)."""
+    if not openvino_available():
+        return False
+    import openvino as ov
+
+    return "INT8" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class _Input:
     def __init__(self, name: str):
         self.name = name
@@ -68,18 +80,21 @@ class _Input:
 class OpenVinoSession:
     """One compiled graph behind onnxruntime's ``InferenceSession`` calls used by :class:`OrtBackend`."""
 
-    def __init__(self, core, path: Path, precision: str, threads: int, ffn_bf16: bool = False):
-        if ffn_bf16:
-            from .openvino_mixed import read_ffn_bf16
-
-            model = read_ffn_bf16(core, path)
-        else:
-            model = core.read_model(str(path))
+    def __init__(self, core, path: Path, precision: str, threads: int, ffn: str | None = None):
+        """``ffn``: ``"bf16"`` or ``"int8"`` for the feed-forward MatMuls of a HIPIE mask decoder."""
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": int(threads)}
+        if ffn:
+            from .openvino_mixed import INT8_DYNAMIC_GROUP_SIZE, read_ffn
+
+            model = read_ffn(core, path, ffn)
+            if ffn == "int8":
+                config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = INT8_DYNAMIC_GROUP_SIZE
+        else:
+            model = core.read_model(str(path))
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.precision = precision + ("+ffn-bf16" if ffn_bf16 else "")
+        self.precision = precision + (f"+ffn-{ffn}" if ffn else "")
         self._inputs = [_Input(p.get_any_name()) for p in self.compiled.inputs]
 
     def get_inputs(self):
@@ -128,7 +143,10 @@ class OpenVinoBackend(OrtBackend):
         export = open_export(Path(path))
         folder, manifest = export.folder, export.manifest
         threads = threads or os.cpu_count() or 1
-        if hipie_precision != "fp32" and not cpu_has_bf16():
+        if hipie_precision == "int8-ffn" and not cpu_has_int8():
+            raise BackendError("hipie_precision='int8-ffn' needs a CPU with INT8 support; OpenVINO reports none "
+                               "here: use 'fp32'")
+        if "bf16" in hipie_precision and not cpu_has_bf16():
             raise BackendError(f"hipie_precision={hipie_precision!r} needs a CPU with bf16 support "
                                "(avx512_bf16 or AMX); "
                                "OpenVINO reports none here: use 'fp32'")
@@ -137,8 +155,8 @@ class OpenVinoBackend(OrtBackend):
         for name, g in manifest.graphs.items():
             prec = HIPIE_PRECISIONS[hipie_precision] if name in HIPIE_GRAPHS else "f32"
             try:
-                sessions[name] = OpenVinoSession(core, folder / g.file, prec, threads,
-                                                 ffn_bf16=hipie_precision == "bf16-ffn" and name in FFN_BF16_GRAPHS)
+                ffn = FFN_PRECISIONS.get(hipie_precision) if name in FFN_BF16_GRAPHS else None
+                sessions[name] = OpenVinoSession(core, folder / g.file, prec, threads, ffn=ffn)
             except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
                 if not (folder / g.file).is_file():
                     raise CheckpointError(f"cannot load graph {name}: {folder / g.file} is missing") from None
