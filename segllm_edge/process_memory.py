@@ -19,13 +19,7 @@ def release_memory() -> None:
 
 def available_memory() -> int | None:
     """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _kib_field("/proc/meminfo", "MemAvailable")
 
 
 def max_rss() -> int | None:
@@ -37,11 +31,11 @@ def max_rss() -> int | None:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
-def current_rss() -> int | None:
-    """This process's resident set size now, in bytes (VmRSS; None where /proc is unavailable)."""
+def _kib_field(path: str, key: str) -> int | None:
+    """A ``key: N kB`` line of a /proc file, in bytes."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
