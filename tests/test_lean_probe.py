@@ -84,3 +84,22 @@ def test_one_graph_at_a_time_opens_on_use_and_only_known_graphs():
 def test_lean_loading_names_the_backends_it_runs(golden_export_fp16):
     with pytest.raises(BackendError, match="onnxruntime or openvino"):
         load_lean(golden_export_fp16, backend="tensorrt")
+
+
+def test_a_graph_that_does_not_fit_is_not_compared_before_anything_runs(golden_export_fp16, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from segllm_edge.export import reference
+
+    folder = tmp_path / "fp16"
+    shutil.copytree(golden_export_fp16, folder, copy_function=os.link)
+    (folder / "drift_report.json").unlink()
+
+    def never(*_):
+        raise AssertionError("nothing may run when the largest graph does not fit")
+
+    monkeypatch.setattr(reference, "available_memory", lambda: 2 ** 20)
+    report = reference.drift_against_fp32(folder, Manifest.load(folder), DriftProbe(never, None, QUESTIONS), "", never)
+    assert [r["compared"] for r in report["rounds"]] == [False] and report["guard"]["passed"] is None
+    assert "graph needs" in report["rounds"][0]["reason"] and "0.0 GiB available" in report["rounds"][0]["reason"]
