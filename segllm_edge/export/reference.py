@@ -5,7 +5,7 @@ The probe conversation runs on the new export first, one graph resident at a tim
 fp32 reference export of the same checkpoint is streamed into a temporary folder (graphs that are fp32 in both are
 hard-linked, not exported again) and the probe runs on it the same way. So the process holds one graph's session at
 a time, never the whole export and never the reference and the reduced export together. When the largest graph
-would not fit in the memory available (a 7B's fp32 llm graph alone is ~27 GB), or the reference would not fit on
+would not fit in the memory available (a 7B's fp32 llm graph alone is ~26 GB), or the reference would not fit on
 the disk, the report says so ("not compared: …") instead of swapping or failing.
 """
 from __future__ import annotations
