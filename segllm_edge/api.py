@@ -184,12 +184,21 @@ def load(path: str | Path, backend: str | None = None, dtype="auto", device: str
     return SegLLM(TrtBackend.from_export(path, device=device if str(device).startswith("cuda") else "cuda", **kwargs))
 
 
-def drift_probe(image=None, questions=None, backend: str = "onnxruntime", device: str = "cpu"):
+def drift_probe(image=None, questions=None, backend: str = "onnxruntime", device: str = "cpu", lean: bool = True):
     """The conversation a reduced-precision export's drift report runs (``export_model(drift_probe=...)``):
-    by default the bundled demo image and questions, each export folder loaded with :func:`load`."""
+    by default the bundled demo image and questions. Each export folder is loaded with one graph resident at a
+    time (``lean``, :mod:`segllm_edge.runtime.lean_sessions`: the same rounds at the memory of the largest graph),
+    or with :func:`load` (every graph resident) when ``lean=False``."""
     from .contracts.demo import DEMO_QUESTIONS, demo_image
     from .export.drift import DriftProbe
 
-    return DriftProbe(load=lambda folder: load(folder, backend=backend, device=device),
+    def open_folder(folder):
+        if not lean:
+            return load(folder, backend=backend, device=device)
+        from .runtime.lean_sessions import load_lean
+
+        return SegLLM(load_lean(folder, backend=backend, device=device))
+
+    return DriftProbe(load=open_folder,
                       image=demo_image() if image is None else image,
                       questions=tuple(questions or DEMO_QUESTIONS))

@@ -8,7 +8,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "segllm_edge"
 # web/cli.py is not here: it builds the tiny checkpoint when given no model
 TORCH_FREE = ("contracts", "pipeline", "runtime", "serving", "client.py", "errors.py", "extras.py", "limits.py",
-              "drawing.py", "web/app.py", "web/conversations.py")
+              "drawing.py", "process_memory.py", "web/app.py", "web/conversations.py")
 TORCH_ALLOWED = {
     "runtime/trt_backend.py",   # the TensorRT backend keeps its device buffers in torch CUDA tensors (GPU only)
     "contracts/engines.py",     # current_device(): the GPU's name and compute capability, when building/loading engines

@@ -115,7 +115,8 @@ def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool =
     checkpoint one tensor at a time (:mod:`.streamed`: the model is never resident, in fp32 or otherwise); the
     HIPIE graphs are fp32. A reduced precision's drift report (:mod:`.reference`) runs ``drift_probe`` (a
     :class:`.drift.DriftProbe`; ``segllm_edge.drift_probe()`` is the demo conversation) on the export, then on an
-    fp32 reference export streamed to a temporary folder (never both resident); a failing accuracy guard raises
+    fp32 reference export streamed to a temporary folder (never both resident; the probe's loader holds one graph
+    at a time); a failing accuracy guard raises
     AccuracyGuardError unless ``allow_accuracy_drop``. ``fp32_graphs_from``: an export of the same checkpoint; its
     graphs that are fp32 there and here (HIPIE always; CLIP and the seg head for int8/int4) are hard-linked instead of
     exported again."""

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..process_memory import release_memory  # noqa: F401 - the exporter's callers import it from here
 from .files import match_mode
 from .graphs import GRAPH_MODULES, dynamic_shapes, example_inputs
 
@@ -184,18 +185,6 @@ def save_streamed(model_ir, path: Path, external: bool) -> None:
     else:
         ir.save(model_ir, str(path))
     match_mode(path)
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise, and it counts as resident)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def weight_bytes(model_ir) -> int:

@@ -17,6 +17,23 @@ from .kv_cache import HostKVCache
 from .shared_weights import CLIP_GRAPHS, open_sessions_sharing_weights
 
 
+def check_precision_runs_on(export: ExportFolder, provs) -> None:
+    """BackendError for a bf16 export on onnxruntime's CPU provider alone (it has no bf16 kernels)."""
+    if export.manifest.precision == "bf16" and all(
+            (p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in provs):
+        raise BackendError(f"{export.folder} is a bf16 export: onnxruntime's CPU provider has no bf16 kernels "
+                           "(Conv, MatMul, Mul); run it with backend='openvino' (bf16 on the CPU), on CUDA, "
+                           "or export fp16/fp32 for onnxruntime on the CPU")
+
+
+def check_graph_inputs(spec, session) -> None:
+    """CheckpointError when an opened graph's inputs are not the manifest's."""
+    got = [i.name for i in session.get_inputs()]
+    want = [t.name for t in spec.inputs]
+    if got != want:
+        raise CheckpointError(f"graph {spec.file} has inputs {got}, the manifest says {want}: re-export")
+
+
 class OrtBackend:
     name = "onnxruntime"
 
@@ -43,11 +60,7 @@ class OrtBackend:
         ortc.require_onnxruntime()
         export = open_export(Path(path))
         provs = ortc.check_providers(providers) if providers is not None else ortc.providers_for(device)
-        if export.manifest.precision == "bf16" and all(
-                (p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in provs):
-            raise BackendError(f"{export.folder} is a bf16 export: onnxruntime's CPU provider has no bf16 kernels "
-                               "(Conv, MatMul, Mul); run it with backend='openvino' (bf16 on the CPU), on CUDA, "
-                               "or export fp16/fp32 for onnxruntime on the CPU")
+        check_precision_runs_on(export, provs)
         opts = ortc.session_options(threads, session_options)
         files = {name: export.graph_path(name) for name in export.manifest.graphs}
         if hipie_int8:
@@ -64,10 +77,7 @@ class OrtBackend:
         for name, g in export.manifest.graphs.items():
             if name not in sessions:
                 sessions[name] = ortc.open_session(files[name], opts, provs, name)
-            got = [i.name for i in sessions[name].get_inputs()]
-            want = [t.name for t in g.inputs]
-            if got != want:
-                raise CheckpointError(f"graph {g.file} has inputs {got}, the manifest says {want}: re-export")
+            check_graph_inputs(g, sessions[name])
         backend = cls.from_sessions(export, sessions)
         backend.shared_weights = shared     # the buffers under the CLIP sessions: alive as long as they are
         if hipie_int8:

@@ -1,0 +1,127 @@
+"""Lean loading: an export whose graphs are resident one at a time.
+
+:func:`load_lean` gives the onnxruntime (or OpenVINO) backend of an export folder whose ``sessions`` is a
+:class:`OneGraphAtATime`: a graph's session is opened when the round loop calls that graph and closed (its memory
+handed back) before another graph's is opened. The conversation's own state (KV cache, image features, masks)
+lives in host arrays and survives the switches, so the rounds compute exactly what the resident backend computes;
+the process holds the largest graph's session instead of the sum of all of them. A round calls four or five
+graphs, each switch costs a session creation: this is for the drift report's probe on a machine where the whole
+export would not fit at once (``segllm_edge.drift_probe(lean=True)``), not for serving.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+from ..contracts import ort as ortc
+from ..contracts.export_folder import ExportFolder, open_export
+from ..errors import BackendError, CheckpointError
+from ..process_memory import release_memory
+from .ort_backend import OrtBackend, check_graph_inputs, check_precision_runs_on
+from .shared_weights import CLIP_GRAPHS
+
+LEAN_BACKENDS = ("onnxruntime", "openvino")
+
+
+class OneGraphAtATime(Mapping):
+    """graph name → its session, opened on first use after the previously opened one is closed."""
+
+    def __init__(self, names, open_graph: Callable[[str], Any]):
+        self._names = tuple(names)
+        self._open = open_graph
+        self._name: str | None = None
+        self._session = None
+        self.opened: list[str] = []   # the graphs in the order their sessions were opened
+
+    def __getitem__(self, name: str):
+        if name not in self._names:
+            raise KeyError(name)
+        if name != self._name:
+            self.close()
+            self._session = self._open(name)
+            self._name = name
+            self.opened.append(name)
+        return self._session
+
+    def __contains__(self, name) -> bool:  # Mapping's default would open the graph
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @property
+    def resident(self) -> str | None:
+        """The graph whose session is open now (None when none is)."""
+        return self._name
+
+    def close(self) -> None:
+        """Close the open session, if any, and give its memory back."""
+        if self._session is not None:
+            self._name, self._session = None, None
+            release_memory()
+
+
+def _ort_opener(export: ExportFolder, device: str, threads: int | None) -> Callable[[str], Any]:
+    ortc.require_onnxruntime()
+    provs = ortc.providers_for(device)
+    check_precision_runs_on(export, provs)
+
+    def open_graph(name: str):
+        opts = ortc.session_options(threads)
+        if name in CLIP_GRAPHS:  # as the resident backend opens them (sharing weights): the same kernels, same outputs
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        return ortc.open_session(export.graph_path(name), opts, provs, name)
+
+    return open_graph
+
+
+def _openvino_opener(export: ExportFolder, device: str, threads: int | None) -> Callable[[str], Any]:
+    from .openvino_backend import OpenVinoSession, _ort_session, require_openvino
+
+    if str(device) != "cpu":
+        raise BackendError(f"the openvino backend runs on the CPU only, not {device!r}")
+    core = require_openvino().Core()
+    threads = threads or os.cpu_count() or 1
+
+    def open_graph(name: str):
+        path = export.graph_path(name)
+        try:
+            return OpenVinoSession(core, path, "f32", threads)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
+            if not path.is_file():
+                raise CheckpointError(f"cannot load graph {name}: {path} is missing") from None
+            return _ort_session(path, threads, name, exc)
+
+    return open_graph
+
+
+def load_lean(path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None) -> OrtBackend:
+    """The ``backend`` (onnxruntime or openvino, fp32 inference precision) of the export at ``path`` with one graph
+    resident at a time. Every graph is opened once here, one after the other, so a graph that cannot load fails
+    now as it would on the resident backend, not in the middle of a conversation."""
+    if backend not in LEAN_BACKENDS:
+        raise BackendError(f"lean loading runs on {' or '.join(LEAN_BACKENDS)}, not backend={backend!r}")
+    export = open_export(Path(path))
+    opener = (_ort_opener if backend == "onnxruntime" else _openvino_opener)(export, device, threads)
+    graphs = export.manifest.graphs
+
+    def open_checked(name: str):
+        session = opener(name)
+        check_graph_inputs(graphs[name], session)
+        return session
+
+    sessions = OneGraphAtATime(graphs, open_checked)
+    for name in graphs:
+        sessions[name]
+    if backend == "onnxruntime":
+        return OrtBackend.from_sessions(export, sessions)
+    from .openvino_backend import OpenVinoBackend
+
+    model = OpenVinoBackend.from_sessions(export, sessions)
+    model.hipie_precision = "fp32"
+    return model
