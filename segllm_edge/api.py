@@ -188,9 +188,13 @@ def drift_probe(image=None, questions=None, backend: str = "onnxruntime", device
     """The conversation a reduced-precision export's drift report runs (``export_model(drift_probe=...)``):
     by default the bundled demo image and questions. Each export folder is loaded with one graph resident at a
     time (``lean``, :mod:`segllm_edge.runtime.lean_sessions`: the same rounds at the memory of the largest graph),
-    or with :func:`load` (every graph resident) when ``lean=False``."""
+    or with :func:`load` (every graph resident) when ``lean=False`` — and on any backend or device lean loading
+    does not cover (TensorRT, torch, a GPU), where host memory is not what bounds the probe."""
     from .contracts.demo import DEMO_QUESTIONS, demo_image
     from .export.drift import DriftProbe
+    from .runtime.lean_sessions import LEAN_BACKENDS
+
+    lean = lean and backend in LEAN_BACKENDS and str(device) == "cpu"
 
     def open_folder(folder):
         if not lean:

@@ -64,3 +64,21 @@ def test_no_run_options_for_other_engines():
     from segllm_edge.runtime.arena import llm_run_options
 
     assert llm_run_options(object(), 10_000) is None      # e.g. the OpenVINO stand-in session
+
+
+def test_a_session_without_an_arena_gets_no_shrink_option(golden_export):
+    """onnxruntime rejects the shrink option on a session without a CPU arena: a user's SessionOptions with the
+    arena off must still run prefills."""
+    import onnxruntime as ort
+
+    from segllm_edge.contracts.export_folder import open_export
+    from segllm_edge.runtime.arena import PREFILL_TOKENS, llm_run_options
+
+    export = open_export(golden_export)
+    opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = False
+    path = golden_export / export.manifest.graphs["llm"].file
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    assert llm_run_options(session, PREFILL_TOKENS + 1) is None
+    with_arena = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert llm_run_options(with_arena, PREFILL_TOKENS + 1) is not None

@@ -86,6 +86,8 @@ def fuse_key_transposes(model) -> int:
             uses[i] = uses.get(i, 0) + 1
     for o in g.output:
         uses[o.name] = uses.get(o.name, 0) + 1
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*g.value_info, *g.input, *g.output)
+             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
     replaced = 0
     for r2 in list(g.node):
         if r2.op_type != "Reshape":
@@ -98,6 +100,8 @@ def fuse_key_transposes(model) -> int:
         if r1 is None or r1.op_type != "Reshape" or uses.get(r1.output[0]) != 1:
             continue
         x = r1.input[0]
+        if ranks.get(x, 4) != 4:      # the rank-4 perm below is that of a (batch, heads, tokens, dim) key
+            continue
         if not _is_flatten_heads(r1, prod, inits) or not _is_unflatten_swapped(r2, x, prod, inits):
             continue
         new = helper.make_node("Transpose", [x], [r2.output[0]], name=f"{t.name}_rank4", perm=[0, 1, 3, 2])

@@ -39,10 +39,13 @@ def shrink_run_options(devices: str = "cpu:0"):
 
 def llm_run_options(session, new_tokens: int):
     """The run options of an llm call on ``new_tokens`` tokens: shrink the CPU arena after a prefill. None for
-    anything but an onnxruntime ``InferenceSession`` (an OpenVINO stand-in takes no run options)."""
+    anything but an onnxruntime ``InferenceSession`` with a CPU arena (an OpenVINO stand-in takes no run options; a
+    session without an arena has nothing to shrink)."""
     ort = sys.modules.get("onnxruntime")
     if ort is None or not isinstance(session, ort.InferenceSession) or int(new_tokens) <= PREFILL_TOKENS:
         return None
+    if not session.get_session_options().enable_cpu_mem_arena:
+        return None   # no arena to shrink (onnxruntime rejects the option then)
     return shrink_run_options()
 
 

@@ -59,13 +59,18 @@ def matmuls_to_bf16(model, matmuls) -> int:
 
 def matmuls_to_int8_weights(model, matmuls) -> int:
     """Give each MatMul of ``matmuls`` an int8 weight (per output channel scale) behind Convert + Multiply;
-    returns how many. Its weight must be a Constant input of the MatMul."""
+    returns how many. Only a MatMul whose weight is a direct Constant input is rewritten (one behind a Convert,
+    Transpose or Reshape stays f32: its axes are not the Constant's)."""
     import numpy as np
     import openvino as ov
     from openvino import opset13 as ops
 
+    done = 0
     for op in matmuls:
-        idx = next(i for i in range(2) if op.input_value(i).get_node().get_type_name() == "Constant")
+        idx = next((i for i in range(2) if op.input_value(i).get_node().get_type_name() == "Constant"), None)
+        if idx is None:
+            continue
+        done += 1
         node = op.input_value(idx).get_node()
         w = node.get_data().astype(np.float32)
         transposed = op.get_attributes()["transpose_b" if idx == 1 else "transpose_a"]
@@ -77,7 +82,7 @@ def matmuls_to_int8_weights(model, matmuls) -> int:
         deq.set_friendly_name(node.get_friendly_name() + "/int8")
         op.input(idx).replace_source_output(deq.output(0))
     model.validate_nodes_and_infer_types()
-    return len(matmuls)
+    return done
 
 
 FFN_REWRITES = {"bf16": matmuls_to_bf16, "int8": matmuls_to_int8_weights}

@@ -373,6 +373,9 @@ class ConversationService:
                     result = self._round(token, session, question, refs)
             finally:
                 self.store.touch(token)
+        want_logits = _flag(inputs.get(IN_WANT_MASK_LOGITS))
+        if want_logits:
+            check_logits_held(result)            # before an end drops the conversation
         if end:
             self._drop(token)
         else:
@@ -387,7 +390,7 @@ class ConversationService:
         timings[TIMINGS_IN_PROCESS] = dict(backend.local_ms)
         if self.durable is not None:
             timings.update(self.durable.last_write)
-        return round_response(result, token, timings, want_logits=_flag(inputs.get(IN_WANT_MASK_LOGITS)))
+        return round_response(result, token, timings, want_logits=want_logits)
 
     def _budget(self) -> int:
         return self.max_session_bytes or default_session_bytes(self.backend.info)
@@ -433,6 +436,13 @@ class ConversationService:
         return closed_response(token)
 
 
+def check_logits_held(result) -> None:
+    """A round asked for its mask logits has them (a replay from a state saved by an older version has not)."""
+    if np.size(result.mask_logits) == 0:
+        raise SessionError(f"round {result.round} was answered again from its stored state, which does not "
+                           "hold its mask logits; ask for it without mask_logits")
+
+
 def round_response(result, token: str, timings: dict, want_logits: bool = False) -> dict:
     """The response tensors of one round (:data:`~segllm_edge.contracts.serving.BLS_OUTPUTS`): every field of
     its :class:`~segllm_edge.runtime.results.RoundResult` but the trace; ``mask_logits`` only when asked for."""
@@ -451,9 +461,7 @@ def round_response(result, token: str, timings: dict, want_logits: bool = False)
         OUT_CONVERSATION: np.array([token.encode()], dtype=np.object_),
     }
     if want_logits:
-        if np.size(result.mask_logits) == 0:      # a replay from a state saved without them (older versions)
-            raise SessionError(f"round {result.round} was answered again from its stored state, which does not "
-                               "hold its mask logits; ask for it without mask_logits")
+        check_logits_held(result)
         out[OUT_MASK_LOGITS] = np.ascontiguousarray(result.mask_logits, dtype=np.float32)
     return out
 

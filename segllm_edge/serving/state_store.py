@@ -298,8 +298,9 @@ class RedisStore(StateStore):
     Expiry is Redis's own (``PEXPIRE``); the caps are checked by one Lua script per write.
 
     Every key is under the hash tag ``{prefix}`` (``{segllm:}c:<key>``, ``{segllm:}index``, ...), so a script's
-    keys lie in one slot and the store runs on Redis Cluster too (the total cap needs the conversations and
-    the running total in one place: one slot holds this store, which its total cap sizes for one node)."""
+    keys lie in one slot (the total cap needs the conversations and the running total in one place: one slot
+    holds this store, which its total cap sizes for one node). The client is a plain ``redis.Redis``: on Redis
+    Cluster the URL must name the node owning that slot (others answer ``MOVED``)."""
 
     kind = "redis"
 
