@@ -59,6 +59,11 @@ def main(argv=None) -> int:
     ap.add_argument("--int8", action="store_true", help="write the INT8-FFN mask decoder if missing")
     ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
+    from segllm_edge.contracts.manifest import MANIFEST_NAME
+
+    for flag, folder in (("--old-export", args.old_export), ("--export", args.export)):
+        if not (folder / MANIFEST_NAME).is_file():
+            ap.error(f"{flag} {folder} is not an export folder (no {MANIFEST_NAME})")
     variant = old_export_variant(args.old_export)
     if variant:
         ap.error(f"--old-export {args.old_export} was not written by commit edac365: its mask decoder is the "

@@ -283,6 +283,9 @@ def test_redis_store_is_cluster_safe_and_keeps_a_running_total(run, redis_url):
     time.sleep(0.5)                                            # b expires; the next write takes it off the total
     store.put(a, states[2], expect=2)
     assert total() == len(states[2]) == store.total_bytes()
+    store.client.delete(store._total)                          # the counter lost (eviction, a manual DEL)
+    store.put(b, states[1])
+    assert total() == len(states[1]) + len(states[2]) == store.total_bytes()   # rebuilt, not restarted at 0
 
 
 # -- over real servers -----------------------------------------------------------------------------

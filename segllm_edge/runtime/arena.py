@@ -16,9 +16,10 @@ blocks below its mmap threshold (up to 32 MiB) in its heaps until ``malloc_trim`
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import sys
+
+from ..process_memory import trim_heap
 
 #: a run with more new tokens than this is a prefill: its arena growth is given back when it ends
 PREFILL_TOKENS = 64
@@ -49,19 +50,6 @@ def llm_run_options(session, new_tokens: int):
     return shrink_run_options()
 
 
-@functools.lru_cache(maxsize=1)
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def trim_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc; a no-op elsewhere)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 __all__ = ["ARENA_SHRINKAGE", "PREFILL_TOKENS", "llm_run_options", "shrink_run_options", "trim_heap"]

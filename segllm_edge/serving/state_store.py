@@ -236,8 +236,14 @@ class DirectoryStore(StateStore):
 # Redis
 # --------------------------------------------------------------------------------------------
 #: KEYS: the conversation's hash, the expiry index, the sizes hash, the running total. Every write costs
-#: O(1) + the conversations expired since the last write (their sizes leave the total), never a scan of all.
+#: O(1) + the conversations expired since the last write (their sizes leave the total), never a scan of all —
+#: except once when the total's key is gone (evicted, deleted by hand): it is rebuilt from the sizes hash.
 _PUT = """
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  local sum = 0
+  for _, v in ipairs(redis.call('HVALS', KEYS[3])) do sum = sum + tonumber(v) end
+  redis.call('SET', KEYS[4], sum)
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)

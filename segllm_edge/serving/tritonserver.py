@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ..errors import BackendError
+from ..process_memory import kib_field
 
 INSTALL_HINT = ("install it with `pip install nvidia-pytriton` (the wheel ships the tritonserver binary "
                 "and the python backend; numpy must stay < 2), or point SEGLLM_TRITON_HOME at a "
@@ -548,23 +549,13 @@ class TritonServer:
         return out
 
 
-def _kib_line(path: str, key: str) -> int:
-    """Bytes of the ``key: N kB`` line of a /proc file (0 when the process is gone)."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _rss(pid: int) -> int:
-    return _kib_line(f"/proc/{pid}/status", "VmRSS:")
+    """0 when the process is gone."""
+    return kib_field(f"/proc/{pid}/status", "VmRSS") or 0
 
 
 def _pss(pid: int) -> int:
-    return _kib_line(f"/proc/{pid}/smaps_rollup", "Pss:")
+    return kib_field(f"/proc/{pid}/smaps_rollup", "Pss") or 0
 
 
 def _stub_model(pid: int) -> str:
