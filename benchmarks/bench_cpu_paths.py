@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,9 @@ def golden_masks() -> list[np.ndarray]:
 
 def old_export_variant(export: Path) -> str | None:
     """The HIPIE graph variant an export's manifest records (edac365 recorded none)."""
-    manifest = json.loads((export / "manifest.json").read_text())
+    from segllm_edge.contracts.manifest import MANIFEST_NAME
+
+    manifest = json.loads((export / MANIFEST_NAME).read_text())
     return manifest.get("extra", {}).get("graphs", {}).get("mask_decoder", {}).get("variant")
 
 
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
                  f"rewritten graph ({variant!r}); see the docstring for how to export with the edac365 code")
 
     import segllm_edge
-    from segllm_edge.bench import machine_info
+    from segllm_edge.bench import machine_info, save_result
     from segllm_edge.cpu_bench import compare_paths, format_paths
     from segllm_edge.runtime.cpu_paths import available_cpu_paths, cpu_name, default_cpu_path
 
@@ -109,11 +110,8 @@ def main(argv=None) -> int:
               "export": str(args.export), "default_path": default, "groups": results,
               "note": "golden-size checkpoint (tiny LLM/CLIP, full HIPIE-R50); one run per group, rounds "
                       "alternating across the group's paths, each group with its own edac365 onnxruntime-fp32 base"}
-    args.results_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in cpu_name()).strip("-")[:40]
-    out = args.results_dir / f"{time.strftime('%Y%m%d-%H%M%S')}_cpu_paths_{slug}.json"
-    out.write_text(json.dumps(report, indent=1))
-    print(f"saved {out}")
+    print(f"saved {save_result(report, args.results_dir, f'cpu_paths_{slug}')}")
     return 0
 
 

@@ -100,10 +100,9 @@ def main(argv=None) -> int:
     print(f"vision_encoder median of {args.reps}: plain {med['plain']:.0f} ms, shared (no prepacking) "
           f"{med['shared']:.0f} ms: {report['shared_over_plain_time']:.2f}x; PSS shared/plain "
           f"{report['shared_over_plain_pss']:.2f}x (CLIP graphs on disk {clip_bytes / 2**20:.0f} MiB)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}_shared_clip.json"
-    out.write_text(json.dumps(report, indent=1))
-    print(f"saved {out}")
+    from segllm_edge.bench import save_result
+
+    print(f"saved {save_result(report, args.out, 'shared_clip')}")
     return 0
 
 

@@ -23,7 +23,6 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -267,10 +266,10 @@ def main(argv=None) -> int:
     report["verdicts"] = {k: bool(ok) for k, (ok, _) in verdicts.items()}
     for k, (ok, text) in verdicts.items():
         print(f"VERDICT {k}: {'met' if ok else 'NOT met'}: {text}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}_triton_state_{args.label or 'run'}_h{info.hidden_size}x{info.num_layers}.json"
-    (args.out / name).write_text(json.dumps(report, indent=1, default=str))
-    print(f"saved {args.out / name}")
+    from segllm_edge.bench import save_result
+
+    tag = f"triton_state_{args.label or 'run'}_h{info.hidden_size}x{info.num_layers}"
+    print(f"saved {save_result(report, args.out, tag, default=str)}")
     return 0
 
 

@@ -165,9 +165,10 @@ def plot_report(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def save_result(report: dict, results_dir: Path, tag: str) -> Path:
+def save_result(report: dict, results_dir: Path, tag: str, default=None) -> Path:
+    """``report`` as ``results_dir/<stamp>_<tag>.json`` (``default``: json.dumps's, for values it cannot write)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     p = results_dir / f"{stamp}_{tag}.json"
-    p.write_text(json.dumps(report, indent=1))
+    p.write_text(json.dumps(report, indent=1, default=default))
     return p

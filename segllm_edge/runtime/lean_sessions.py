@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ..contracts import ort as ortc
 from ..contracts.export_folder import ExportFolder, open_export
-from ..errors import BackendError, CheckpointError
+from ..errors import BackendError
 from ..process_memory import release_memory
 from .ort_backend import OrtBackend, check_graph_inputs, check_precision_runs_on
 from .shared_weights import CLIP_GRAPHS
@@ -81,7 +81,7 @@ def _ort_opener(export: ExportFolder, device: str, threads: int | None) -> Calla
 
 
 def _openvino_opener(export: ExportFolder, device: str, threads: int | None) -> Callable[[str], Any]:
-    from .openvino_backend import OpenVinoSession, _ort_session, require_openvino
+    from .openvino_backend import open_graph as open_compiled, require_openvino
 
     if str(device) != "cpu":
         raise BackendError(f"the openvino backend runs on the CPU only, not {device!r}")
@@ -89,13 +89,7 @@ def _openvino_opener(export: ExportFolder, device: str, threads: int | None) -> 
     threads = threads or os.cpu_count() or 1
 
     def open_graph(name: str):
-        path = export.graph_path(name)
-        try:
-            return OpenVinoSession(core, path, "f32", threads)
-        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
-            if not path.is_file():
-                raise CheckpointError(f"cannot load graph {name}: {path} is missing") from None
-            return _ort_session(path, threads, name, exc)
+        return open_compiled(core, export.graph_path(name), name, "f32", threads)
 
     return open_graph
 

@@ -28,7 +28,7 @@ import numpy as np
 from ..contracts.export_folder import open_export
 from ..contracts.ort import require_onnxruntime
 from ..errors import BackendError, CheckpointError, ConfigError
-from .ort_backend import OrtBackend
+from .ort_backend import OrtBackend, check_graph_inputs
 
 HIPIE_GRAPHS = ("mask_backbone", "mask_decoder")
 HIPIE_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "bf16-ffn": "f32", "int8-ffn": "f32"}  # → HIPIE graphs' hint
@@ -151,21 +151,12 @@ class OpenVinoBackend(OrtBackend):
                                "(avx512_bf16 or AMX); "
                                "OpenVINO reports none here: use 'fp32'")
         core = ov.Core()
-        sessions, engines = {}, {}
+        sessions = {}
         for name, g in manifest.graphs.items():
             prec = HIPIE_PRECISIONS[hipie_precision] if name in HIPIE_GRAPHS else "f32"
-            try:
-                ffn = FFN_PRECISIONS.get(hipie_precision) if name in FFN_BF16_GRAPHS else None
-                sessions[name] = OpenVinoSession(core, folder / g.file, prec, threads, ffn=ffn)
-            except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
-                if not (folder / g.file).is_file():
-                    raise CheckpointError(f"cannot load graph {name}: {folder / g.file} is missing") from None
-                sessions[name] = _ort_session(folder / g.file, threads, name, exc)
-            engines[name] = sessions[name].get_providers()[0]
-            got = [i.name for i in sessions[name].get_inputs()]
-            want = [t.name for t in g.inputs]
-            if got != want:
-                raise CheckpointError(f"graph {g.file} has inputs {got}, the manifest says {want}: re-export")
+            ffn = FFN_PRECISIONS.get(hipie_precision) if name in FFN_BF16_GRAPHS else None
+            sessions[name] = open_graph(core, folder / g.file, name, prec, threads, ffn=ffn)
+            check_graph_inputs(g, sessions[name])
         backend = cls.from_sessions(export, sessions)
         backend.hipie_precision = hipie_precision
         backend.precision = (manifest.precision if hipie_precision == "fp32"
@@ -175,6 +166,17 @@ class OpenVinoBackend(OrtBackend):
     def describe(self) -> str:
         return json.dumps({"folder": str(self.folder), "precision": self.precision,
                            "engines": {k: s.get_providers()[0] for k, s in self.sessions.items()}})
+
+
+def open_graph(core, path: Path, name: str, precision: str, threads: int, ffn=None):
+    """The graph at ``path`` compiled by OpenVINO at ``precision``, or on onnxruntime where OpenVINO cannot
+    compile it; CheckpointError when the file is missing or neither can load it."""
+    try:
+        return OpenVinoSession(core, path, precision, threads, ffn=ffn)
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
+        if not path.is_file():
+            raise CheckpointError(f"cannot load graph {name}: {path} is missing") from None
+        return _ort_session(path, threads, name, exc)
 
 
 def _ort_session(path: Path, threads: int, name: str, why: Exception):
