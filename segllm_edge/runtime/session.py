@@ -116,7 +116,9 @@ class Session:
         self._closed = True
 
     # ------------------------------------------------------------ validation
-    def _check_question(self, question, refs) -> tuple[str, tuple[int, ...]]:
+    def check_question(self, question, refs) -> tuple[str, tuple[int, ...]]:
+        """The question's text and its references (given + inline, merged) as :meth:`ask` takes them, or the
+        package's error naming what is wrong — before any model runs."""
         if self._closed:
             raise SessionError("this session is closed")
         limits.check_question(question)                 # type, emptiness, bytes: before any tokenizing
@@ -229,7 +231,7 @@ class Session:
 
         Transactional: if anything fails (``KeyboardInterrupt`` included) the session is left exactly as before.
         """
-        text, refs_t = self._check_question(question, refs)
+        text, refs_t = self.check_question(question, refs)
         saved = snapshot(self)
         try:
             return self._ask(text, refs_t)

@@ -63,13 +63,8 @@ def replay(session, round_no: int, question: str, refs=None):
     if round_no == n + 1:
         return None                              # the next round: run it
     if round_no == n and n:
-        from .. import limits
-        from ..pipeline.tokenizer import split_refs
-
         r = session.rounds[-1]
-        text, inline = split_refs(question)
-        given = list(limits.check_refs(refs))
-        merged = tuple(int(x) for x in given + [x for x in inline if x not in given])
+        text, merged = session.check_question(question, refs)    # merged as ask() merged the round's own
         if text == r.question and merged == tuple(int(x) for x in r.refs):
             return r.result
         raise SessionError(f"the request asks for round {round_no} again, which this conversation answered for "
