@@ -199,6 +199,39 @@ def test_stop_terminates_server_and_stubs(tmp_path):
 
 
 # -- no server needed ----------------------------------------------------------------------
+def test_start_that_aborts_before_ready_is_retried_once(tmp_path):
+    """tritonserver's gRPC poller now and then aborts at start-up (SIGABRT before ready): started again, once."""
+    import dataclasses
+    import stat
+    from segllm_edge.serving.tritonserver import find_triton
+    repo = tmp_path / "repo"
+    write_python_model(repo, "add_one", "segllm_edge.serving.smoke_models:AddOne",
+                       [("X", "float32", [-1])], [("Y", "float32", [-1])])
+    real = find_triton()
+    aborts = tmp_path / "aborts"
+    aborts.write_text("1")
+
+    def wrapper(n_aborts):
+        aborts.write_text(str(n_aborts))
+        script = tmp_path / "bin" / "tritonserver"
+        script.parent.mkdir(exist_ok=True)
+        script.write_text(f"""#!/bin/sh
+n=$(cat {aborts}); if [ "$n" -gt 0 ]; then echo $((n-1)) > {aborts}; kill -ABRT $$; fi
+exec {real.binary} "$@"
+""")
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+        return dataclasses.replace(real, binary=script)
+
+    with TritonServer(repo, log_path=tmp_path / "log.txt", install=wrapper(1)) as srv:
+        assert srv.is_alive() and srv.memory()["stub_count"] == 1
+    assert "killed by signal 6 before ready; starting it again" in (tmp_path / "log.txt").read_text()
+    srv = TritonServer(repo, log_path=tmp_path / "log2.txt", install=wrapper(2))   # a second abort is an error
+    srv.start()
+    with pytest.raises(TritonServerError, match="exited with code -6"):
+        srv.wait_ready(timeout=30)
+    srv.stop()
+
+
 def test_binary_found_and_stub_prepared(tmp_path):
     install = find_triton()
     assert install.binary.is_file()

@@ -318,8 +318,14 @@ class TritonServer:
                  grpc_port: int | None = None, metrics_port: int | None = None, extra_args: Sequence[str] = (),
                  address: str = "127.0.0.1", log_path: str | os.PathLike | None = None, log_verbose: int = 0,
                  install: TritonInstall | None = None, cache_dir: str | os.PathLike | None = None,
-                 ready_timeout: float = 60.0):
+                 ready_timeout: float = 60.0, abort_retries: int = 1):
         self.model_repository = model_repository
+        # tritonserver (its gRPC poller) now and then aborts at start-up (SIGABRT, "epoll_wait error: Bad file
+        # descriptor") before it serves anything: wait_ready() starts it again this many times.  A server that
+        # exits with a code (a broken model, a busy port) is never retried.
+        self.abort_retries = abort_retries
+        self._start_args: tuple = ()
+        self._aborts_left = 0
         self._ports = (http_port, grpc_port, metrics_port)
         self.extra_args = tuple(extra_args)
         self.address = address
@@ -341,6 +347,11 @@ class TritonServer:
               grpc_port: int | None = None, metrics_port: int | None = None,
               extra_args: Iterable[str] = ()) -> "TritonServer":
         """Launch the server (does not wait; call :meth:`wait_ready`). Returns self."""
+        self._start_args = (model_repository, http_port, grpc_port, metrics_port, tuple(extra_args))
+        self._aborts_left = self.abort_retries
+        return self._launch(*self._start_args)
+
+    def _launch(self, model_repository, http_port, grpc_port, metrics_port, extra_args) -> "TritonServer":
         if self.is_alive():
             raise TritonServerError(f"server already running (pid {self.pid})")
         repo = model_repository or self.model_repository
@@ -406,9 +417,14 @@ class TritonServer:
             raise TritonServerError("server not started")
         timeout = self.ready_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        url = f"http://{self._client_host}:{self.http_port}/v2/health/ready"
         while True:
+            url = f"http://{self._client_host}:{self.http_port}/v2/health/ready"   # a restart may change the port
             code = self._proc.poll()
+            if code is not None and code < 0 and self._aborts_left > 0 and self._proc is not None:
+                self._aborts_left -= 1
+                self._note_restart(code)
+                deadline = time.monotonic() + timeout
+                continue
             if code is not None:
                 raise TritonServerError(f"tritonserver exited with code {code} before becoming ready"
                                         f"{self._errors_summary()}; log {self._log_path}:\n{self.log_tail()}")
@@ -425,6 +441,14 @@ class TritonServer:
                 raise TritonServerError(f"tritonserver not ready after {timeout:.0f} s{self._errors_summary()}; "
                                         f"log {self._log_path}:\n{tail}")
             time.sleep(0.1)
+
+    def _note_restart(self, code: int) -> None:
+        """The server died from a signal before it was ready: clean up and launch it again (same arguments)."""
+        self.stop()
+        with open(self._log_path, "ab") as log:
+            log.write(f"\n[segllm-edge] tritonserver killed by signal {-code} before ready; starting it again\n"
+                      .encode())
+        self._launch(*self._start_args)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, then SIGKILL (to the whole process group) after ``timeout`` s. Returns the exit code."""
