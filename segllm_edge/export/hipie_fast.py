@@ -12,7 +12,9 @@ function with other ops (and restores them afterwards). What changes, per deform
   about half of the graph);
 * the value, the grids and the weights are transposed once for all levels (not once per level), the output once.
 
-Results differ from the reference only by float summation order (checked by tests/test_hipie_fast.py).
+``fast-v3`` (the exporter's default, :mod:`.hipie_fast_v3`) adds decoder sampling from memory rows, folded
+location arithmetic, a per-level channel-major value, clamped FullyConnected outputs and an x2 mask upsampling
+without Interpolate. Results differ from the reference only by float summation order (tests/test_hipie_fast.py).
 """
 from __future__ import annotations
 

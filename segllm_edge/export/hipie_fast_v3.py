@@ -2,21 +2,22 @@
 
 On top of ``fast-v2`` (:func:`.hipie_fast.ms_deform_attn_fast`: no Einsum, points-major sampling):
 
-* **decoder: sample the memory, project afterwards.** The reference projects the whole encoder memory
-  (21,760 tokens x 256 -> 256) in each of the 6 decoder layers, then samples 110 queries x 8 heads x 16 points
-  of it. Sampling and the weighted sum are linear in the value, so the variant samples the memory itself (its
-  channel-major level maps made once for all 6 layers, the same ones the mask head reads), sums over levels and
-  points, and applies each head's 32 rows of ``value_proj`` to 110 x 8 vectors (its bias times the sampled
-  weight of an all-ones map: zero padding samples 0, not the bias): ~14 MFLOP per layer instead of 2.85 GFLOP, and no 22 MB transpose per layer.
-* **encoder: level-major grids and weights.** The sampling offsets' ``/ normaliser`` and the grid's ``2x - 1``
-  are folded into the offsets' weights (per output column) plus one ``(Lq, 2)`` constant added after the
-  permutation (instead of a 6-d broadcast over 5.6 M elements); the grids and weights are permuted with the
-  level outermost, so each level's slice is a contiguous block.
+* **decoder: bilinear corners as memory rows, project afterwards.** The reference projects the whole encoder
+  memory (21,760 tokens x 256 -> 256) in each of the 6 decoder layers, then samples 110 queries x 8 heads x 16
+  points of it. Sampling and the weighted sum are linear in the value, so the variant computes each sample's 4
+  corner indices and weights (zero padding, the attention weight folded in), gathers those rows of the
+  token-major memory, sums them and applies each head's 32 rows of ``value_proj`` (its bias times the summed
+  in-bounds weight): ~14 MFLOP per layer instead of 2.85 GFLOP, no 22 MB transpose per layer.
+* **encoder: location arithmetic folded.** The sampling offsets' ``/ normaliser`` and the grid's ``2x - 1`` go
+  into the offsets' weights (per output column) and one same-shape ``2 ref - 1`` add before the points-major
+  permutation (instead of a 6-d broadcast over 5.6 M elements).
 * **encoder: value per level in channel-major.** ``value_proj`` is computed per level as ``W @ x_l^T`` from a
   row block of the input, giving the ``(N*M, D, H, W)`` map GridSample reads with no transpose and no strided
   split.
+* :func:`fc` (a clamp to the float32 range after a linear layer) puts OpenVINO's FullyConnected on oneDNN, and
+  :func:`aligned_bilinear_x2` replaces the mask head's Interpolate (swapped in by ``fast_hipie``).
 
-Results differ from the reference only by float summation order (tests/test_hipie_fast.py).
+Measurements: docs/cpu.md ("The ``fast-v3`` graph"). Results differ from the reference only by float summation order (tests/test_hipie_fast.py).
 """
 from __future__ import annotations
 
