@@ -85,7 +85,7 @@ def test_hipie_int8_quantizes_only_the_feed_forward(golden_export, tmp_path):
     q = onnx.load(str(out))
     ops = [n.op_type for n in q.graph.node]
     assert ops.count("MatMulInteger") == 24
-    assert ffn_matmuls(q) == [] and ops.count("GridSample") == 48
+    assert ffn_matmuls(q) == [] and ops.count("GridSample") == sum(n.op_type == "GridSample" for n in fp32.graph.node)
     assert ops.count("MatMul") >= sum(n.op_type == "MatMul" for n in fp32.graph.node) - 24   # the rest stays fp32
     assert C.ORT_INT8 in C.available_cpu_paths(export)
     assert C.default_cpu_path(export) == C.OV_FP32               # not a default without a passing guard

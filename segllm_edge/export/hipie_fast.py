@@ -12,7 +12,9 @@ function with other ops (and restores them afterwards). What changes, per deform
   about half of the graph);
 * the value, the grids and the weights are transposed once for all levels (not once per level), the output once.
 
-Results differ from the reference only by float summation order (checked by tests/test_hipie_fast.py).
+``fast-v3`` (the exporter's default, :mod:`.hipie_fast_v3`) adds decoder sampling from memory rows, folded
+location arithmetic, a per-level channel-major value, clamped FullyConnected outputs and an x2 mask upsampling
+without Interpolate. Results differ from the reference only by float summation order (tests/test_hipie_fast.py).
 """
 from __future__ import annotations
 
@@ -23,13 +25,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.hipie.transformer import MSDeformAttn
+from ..modeling.hipie import mask_head
+from ..modeling.hipie.transformer import EncoderLayer, MSDeformAttn
+from .hipie_fast_v3 import FastEncoderLayerV3, FastMSDeformAttnV3, aligned_bilinear_x2
 
 #: graphs exported with the variants
 FAST_GRAPHS = ("mask_decoder",)
-#: the rewrites applied by the current exporter, recorded in the manifest (``extra.hipie_graph``)
-HIPIE_GRAPH_VARIANT = ("fast-v2: deformable attention Mul+ReduceSum (no Einsum), points-major sampling, "
-                       "one value/grid/weight transpose per call")
+#: the rewrites of each variant, recorded in the manifest (``extra.graphs.mask_decoder.variant``); exports of an
+#: older variant stay loadable (the runtime only runs the ONNX file)
+HIPIE_GRAPH_VARIANTS = {
+    "fast-v2": ("fast-v2: deformable attention Mul+ReduceSum (no Einsum), points-major sampling, "
+                "one value/grid/weight transpose per call"),
+    "fast-v3": ("fast-v3: fast-v2 + decoder gathers the bilinear corners as memory rows and projects after (no "
+                "per-layer value_proj of the memory), encoder location arithmetic folded into the offsets layer "
+                "and per-level channel-major value, clamped FC outputs (oneDNN brgemm), x2 mask upsampling "
+                "without Interpolate"),
+}
+#: the variant the exporter writes
+HIPIE_GRAPH_VARIANT = HIPIE_GRAPH_VARIANTS["fast-v3"]
 
 
 def ms_deform_attn_fast(value: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]],
@@ -59,20 +72,28 @@ class FastMSDeformAttn(MSDeformAttn):
     core = staticmethod(ms_deform_attn_fast)
 
 
-_VARIANTS: dict[type, type] = {MSDeformAttn: FastMSDeformAttn}
+def _variants(name: str) -> dict[type, type]:
+    return {"fast-v2": {MSDeformAttn: FastMSDeformAttn},
+            "fast-v3": {MSDeformAttn: FastMSDeformAttnV3, EncoderLayer: FastEncoderLayerV3}}[name]
 
 
 @contextlib.contextmanager
-def fast_hipie(module: nn.Module):
-    """Within the block, the reference modules under ``module`` run their export variants."""
+def fast_hipie(module: nn.Module, variant: str = "fast-v3"):
+    """Within the block, the reference modules under ``module`` run the export ``variant``
+    (a key of :data:`HIPIE_GRAPH_VARIANTS`)."""
+    table = _variants(variant)
     swapped = []
+    upsample = mask_head.aligned_bilinear
     try:
+        if variant == "fast-v3":   # the mask head's x2 upsampling is a function, not a module
+            mask_head.aligned_bilinear = aligned_bilinear_x2
         for sub in module.modules():
-            variant = _VARIANTS.get(type(sub))
-            if variant is not None:
+            cls = table.get(type(sub))
+            if cls is not None:
                 swapped.append((sub, type(sub)))
-                sub.__class__ = variant
+                sub.__class__ = cls
         yield module
     finally:
+        mask_head.aligned_bilinear = upsample
         for sub, cls in swapped:
             sub.__class__ = cls
