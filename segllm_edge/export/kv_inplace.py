@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..contracts.manifest import KV_CONCAT, KV_INPLACE, MANIFEST_NAME, PAST_LENGTH, Manifest, kv_names, llm_spec
 from ..errors import CheckpointError
+from .attention_layout import _drop_dead_nodes
 
 MS_DOMAIN = "com.microsoft"
 #: ops that may lie between the scores MatMul and the probabilities @ V MatMul of the exported attention
@@ -218,13 +219,8 @@ def _topo_sort(g) -> None:
 
 
 def _drop_dead(g) -> None:
-    while True:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            g.node.remove(n)
+    """The nodes no output depends on any more, then the initializers nothing reads."""
+    _drop_dead_nodes(g)
     used = {i for n in g.node for i in n.input}
     unused = [t for t in g.initializer if t.name not in used]
     for t in unused:
