@@ -330,13 +330,13 @@ def bench(checkpoint, export_dir, backend, dtype, rounds, repeats, warmup, image
 
 def _register() -> None:
     from .evaluation.cli import convert_mrseg_command, eval_command
-    from .export.cli import export_command
+    from .export.cli import convert_kv_inplace_command, export_command
     from .export.tensorrt.cli import build_engines_command
     from .serving.cli import serve_command, triton_repo_command
     from .web.cli import web_command
 
     for cmd in (export_command, build_engines_command, triton_repo_command, serve_command, web_command,
-                eval_command, convert_mrseg_command):
+                eval_command, convert_mrseg_command, convert_kv_inplace_command):
         main.add_command(cmd)
 
 

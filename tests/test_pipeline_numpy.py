@@ -29,6 +29,8 @@ def test_mask_row_picks_the_selected_query():
     masks = np.arange(2 * 110 * 4 * 4, dtype=np.float32).reshape(2, 110, 1, 4, 4)
     np.testing.assert_array_equal(np_sel.mask_row(masks, -1, 3), masks[1, 13, 0])
     np.testing.assert_array_equal(np_sel.mask_row(torch.from_numpy(masks), 0, 0), masks[0, 10, 0])
+    row = np_sel.mask_row(masks, -1, 3)     # kept by every round result: must not hold all of pred_masks alive
+    assert row.base is None or row.base.nbytes == row.nbytes
 
 
 @pytest.mark.parametrize("r", [1, 2, 3])

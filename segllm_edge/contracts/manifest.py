@@ -18,6 +18,16 @@ HIPIE_LEVELS = ((128, 128), (64, 64), (32, 32), (16, 16))  # at the fixed 1024x1
 HIPIE_QUERIES = 110
 SEG_TOKENS, SEG_DIM = 8, 768
 
+#: how the llm graph holds its KV cache (``Manifest.kv_layout``; an export written before it existed is "concat"):
+#: "concat": ``present.* = Concat(past, new)`` -- each round's present is a new tensor holding the whole past;
+#: "inplace": ``past_key_values.*`` are buffers of ``capacity >= past_length + seq`` tokens of which the first
+#: ``past_length`` are valid (the extra input :data:`PAST_LENGTH`), ``present.*`` are the same buffers with the
+#: round's tokens written after them (onnxruntime's ``com.microsoft.GroupQueryAttention``, past and present bound
+#: to one buffer: :mod:`segllm_edge.runtime.kv_buffer`); see :mod:`segllm_edge.export.kv_inplace`.
+KV_CONCAT, KV_INPLACE = "concat", "inplace"
+KV_LAYOUTS = (KV_CONCAT, KV_INPLACE)
+PAST_LENGTH = "past_length"
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -52,6 +62,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     version: str = ""                   # segllm-edge version that wrote it
     extra: dict = field(default_factory=dict)  # exporter notes (exporter path per graph, quantization, ...)
+    kv_layout: str = KV_CONCAT          # one of KV_LAYOUTS: how the llm graph holds its KV cache
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict:
@@ -84,7 +95,8 @@ class Manifest:
                                    g.get("doc", "")) for k, g in d["graphs"].items()}
             return cls(model=d["model"], precision=d["precision"], graphs=graphs, arrays=d.get("arrays", {}),
                        tokenizer_dir=d.get("tokenizer_dir", "tokenizer"), format_version=fv,
-                       version=d.get("version", ""), extra=d.get("extra", {}))
+                       version=d.get("version", ""), extra=d.get("extra", {}),
+                       kv_layout=_kv_layout(d.get("kv_layout", KV_CONCAT), p))
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{p} is missing a field ({exc}); re-export") from None
 
@@ -99,6 +111,13 @@ class Manifest:
         return {d for g in self.graphs.values() for t in (*g.inputs, *g.outputs) for d in t.shape if isinstance(d, str)}
 
 
+def _kv_layout(layout, path) -> str:
+    if layout not in KV_LAYOUTS:
+        raise CheckpointError(f"{path} has kv_layout {layout!r}, this segllm-edge reads {', '.join(KV_LAYOUTS)}: "
+                              "upgrade segllm-edge or re-export")
+    return layout
+
+
 def _t(name, shape, dtype="float32") -> TensorSpec:
     return TensorSpec(name, dtype, tuple(shape))
 
@@ -109,14 +128,38 @@ def kv_names(layers: int) -> tuple[list[str], list[str]]:
     return past, present
 
 
+def llm_spec(info, f: str = "float32", kv_layout: str = KV_CONCAT, kv_dtype: str | None = None) -> GraphSpec:
+    """The llm graph's I/O for ``kv_layout`` (KV tensors in ``kv_dtype``, default ``f``)."""
+    H, kvh, hd = info.hidden_size, info.num_kv_heads, info.head_dim
+    kv = kv_dtype or f
+    past, present = kv_names(info.num_layers)
+    if kv_layout == KV_INPLACE:
+        return GraphSpec("llm", "llm.onnx",
+                         (_t("inputs_embeds", ("batch", "seq", H), f),
+                          *[_t(n, ("batch", kvh, "capacity", hd), kv) for n in past], _t(PAST_LENGTH, (1,), "int64")),
+                         (_t("hidden_states", ("batch", "seq", H), f),
+                          *[_t(n, ("batch", kvh, "capacity", hd), kv) for n in present]),
+                         "Llama decoder on inputs_embeds with a KV cache held in buffers of `capacity` tokens, the first "
+                         "`past_length` valid (>= past_length + seq: the caller grows them); positions = past_length + "
+                         "arange(seq); present.* are the same buffers with the new tokens written at past_length "
+                         "(bind each present to its past). One graph for prefill and cached steps.")
+    if kv_layout != KV_CONCAT:
+        raise CheckpointError(f"unknown kv_layout {kv_layout!r}: one of {', '.join(KV_LAYOUTS)}")
+    return GraphSpec("llm", "llm.onnx",
+                     (_t("inputs_embeds", ("batch", "seq", H), f),
+                      *[_t(n, ("batch", kvh, "past", hd), kv) for n in past]),
+                     (_t("hidden_states", ("batch", "seq", H), f),
+                      *[_t(n, ("batch", kvh, "total", hd), kv) for n in present]),
+                     "Llama decoder on inputs_embeds with a KV cache (past may be empty); positions = past + arange(seq); "
+                     "final-norm hidden states for every new token. One graph for prefill and cached steps.")
+
+
 def build_manifest(info, precision: str = "fp32", float_dtype: str = "float32") -> Manifest:
     """The graphs of a SegLLM export for a model described by ``info`` (a ModelInfo)."""
     H = info.hidden_size
     S = info.clip_image_size
     P = info.image_tokens
-    kvh, hd = info.num_kv_heads, info.head_dim
     f = float_dtype
-    past, present = kv_names(info.num_layers)
     feats = [_t(f"features.{i}", (1, 256, h, w)) for i, (h, w) in enumerate(HIPIE_LEVELS)]
     graphs = [
         GraphSpec("vision_encoder", "vision_encoder.onnx",
@@ -126,13 +169,7 @@ def build_manifest(info, precision: str = "fp32", float_dtype: str = "float32") 
                   (_t("crops", ("masks", 3, S, S)), _t("boxes", ("masks", 4))), (_t("mask_tokens", ("masks", 2, H), f),),
                   "Masked crops + [y0,x0,y1,x1]/1024 boxes → (mask token, box token) × 0.5 per referenced mask. "
                   "ONNX files cannot share initializers, so the CLIP weights are stored again (cost: one CLIP on disk)."),
-        GraphSpec("llm", "llm.onnx",
-                  (_t("inputs_embeds", ("batch", "seq", H), f),
-                   *[_t(n, ("batch", kvh, "past", hd), f) for n in past]),
-                  (_t("hidden_states", ("batch", "seq", H), f),
-                   *[_t(n, ("batch", kvh, "total", hd), f) for n in present]),
-                  "Llama decoder on inputs_embeds with a KV cache (past may be empty); positions = past + arange(seq); "
-                  "final-norm hidden states for every new token. One graph for prefill and cached steps."),
+        llm_spec(info, f),
         GraphSpec("seg_head", "seg_head.onnx",
                   (_t("hidden", ("n", H), f),), (_t("conditioning", ("n", SEG_TOKENS, SEG_DIM)),),
                   "segmentator_predictor: hidden state before each <seg> → 8 conditioning tokens of width 768."),

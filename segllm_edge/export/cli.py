@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ..contracts.manifest import KV_LAYOUTS
 from ..contracts.precisions import EXPORT_PRECISIONS
 from ..errors import SegLLMError
 
@@ -17,7 +18,10 @@ from ..errors import SegLLMError
 @click.option("--no-drift-report", is_flag=True, help="skip the accuracy check of reduced precisions")
 @click.option("--allow-accuracy-drop", is_flag=True,
               help="exit 0 even when the reduced-precision export fails its accuracy guard")
-def export_command(checkpoint, out, precision, force, no_drift_report, allow_accuracy_drop):
+@click.option("--kv-layout", default="concat", show_default=True, type=click.Choice(KV_LAYOUTS),
+              help="inplace: the llm writes each round's keys/values into preallocated buffers (no copy of the past "
+                   "per round; onnxruntime backends only), see triton_models/README.md")
+def export_command(checkpoint, out, precision, force, no_drift_report, allow_accuracy_drop, kv_layout):
     """Export CHECKPOINT to ONNX graphs (+ manifest, tokenizer) that `load(OUT, backend="onnxruntime")` runs.
 
     A reduced precision is checked against fp32 on the demo conversation (drift_report.json); when it fails
@@ -39,7 +43,8 @@ def export_command(checkpoint, out, precision, force, no_drift_report, allow_acc
 
     try:
         manifest = export_model(checkpoint, out, precision=precision, force=force, drift_report=not no_drift_report,
-                                drift_probe=_probe(segllm_edge, precision), allow_accuracy_drop=allow_accuracy_drop)
+                                drift_probe=_probe(segllm_edge, precision), allow_accuracy_drop=allow_accuracy_drop,
+                                kv_layout=kv_layout)
     except SegLLMError as exc:
         raise click.ClickException(str(exc))
     for name, size in graph_sizes(out, manifest).items():
@@ -48,6 +53,22 @@ def export_command(checkpoint, out, precision, force, no_drift_report, allow_acc
     if drift.exists():
         click.echo(format_drift(json.loads(drift.read_text())))
     click.echo(f"export written to {out} (precision {manifest.precision})")
+
+
+@click.command("convert-kv-inplace")
+@click.argument("export", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="write the converted export here (other files hard-linked); default: convert EXPORT in place")
+def convert_kv_inplace_command(export, out):
+    """Rewrite EXPORT's llm to the in-place KV layout (its weights untouched): each round's keys/values are written
+    into buffers the runtime grows, nothing copies the past (onnxruntime backends and the Triton BLS only)."""
+    from .kv_inplace import convert_export
+
+    try:
+        done = convert_export(export, out)
+    except SegLLMError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"{done}: llm in the in-place KV layout")
 
 
 def _probe(segllm_edge, precision: str):

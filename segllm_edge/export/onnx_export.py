@@ -108,7 +108,7 @@ def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False
 
 def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool = False, progress: bool = True,
                  drift_report: bool = True, drift_probe=None, allow_accuracy_drop: bool = False,
-                 fp32_graphs_from: Path | None = None) -> Manifest:
+                 fp32_graphs_from: Path | None = None, kv_layout: str = "concat") -> Manifest:
     """Write every graph, the manifest, the tokenizer and the token embedding table into ``out_dir``.
 
     The CLIP, LLM and seg-head graphs are exported directly at ``precision`` with their weights streamed from the
@@ -119,13 +119,17 @@ def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool =
     at a time); a failing accuracy guard raises
     AccuracyGuardError unless ``allow_accuracy_drop``. ``fp32_graphs_from``: an export of the same checkpoint; its
     graphs that are fp32 there and here (HIPIE always; CLIP and the seg head for int8/int4) are hard-linked instead of
-    exported again."""
+    exported again. ``kv_layout="inplace"``: the llm is then rewritten to the in-place KV layout
+    (:func:`.kv_inplace.convert_export`; before the drift report, which then runs it)."""
+    from ..contracts.manifest import KV_INPLACE, KV_LAYOUTS
     from ..modeling.loader import load_checkpoint
     from ..contracts.precisions import EXPORT_PRECISIONS as PRECISIONS
     from .streamed import KV_DTYPES, PRECISION_DTYPES, STREAMED_GRAPHS
 
     if precision not in PRECISIONS:
         raise CheckpointError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if kv_layout not in KV_LAYOUTS:
+        raise CheckpointError(f"unknown kv_layout {kv_layout!r}; choose one of {', '.join(KV_LAYOUTS)}")
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
     prepare_out_dir(out, ckpt, force, remove=False)   # the cheap refusals, before loading anything
     loaded = load_checkpoint(ckpt, dtype=PRECISION_DTYPES[precision], lazy=True)  # headers only (+ HIPIE)
@@ -164,6 +168,11 @@ def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool =
         manifest.extra["quantized_graphs"] = converted_graphs(precision)
         manifest.extra["kv_cache_dtype"] = manifest.graphs["llm"].inputs[1].dtype
     manifest.save(out)
+    if kv_layout == KV_INPLACE:
+        from .kv_inplace import convert_export
+
+        convert_export(out)
+        manifest = Manifest.load(out)
     del model, loaded
     import gc
 

@@ -111,6 +111,9 @@ def quantize_export(export_dir, precision: str, drift_probe: DriftProbe | None =
     manifest = Manifest.load(folder)
     if manifest.precision != "fp32":
         raise CheckpointError(f"{folder} is already {manifest.precision}; quantize from an fp32 export")
+    if manifest.kv_layout != "concat":
+        raise CheckpointError(f"{folder} has the {manifest.kv_layout!r} KV layout: quantize the export first, then "
+                              "convert it (`segllm-edge convert-kv-inplace`)")
     if precision not in PRECISIONS:
         raise CheckpointError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "bf16":

@@ -96,9 +96,11 @@ def select_instance(outputs: dict, index: int = -1) -> dict:
 
 def mask_row(pred_masks, index: int, query_index: int) -> np.ndarray:
     """The (256, 256) logits of foreground query ``query_index`` of ``<seg>`` row ``index`` of ``pred_masks``
-    ((n, 110, 256, 256) or (n, 110, 1, 256, 256)); a device tensor is indexed before it is copied to the host."""
+    ((n, 110, 256, 256) or (n, 110, 1, 256, 256)); a device tensor is indexed before it is copied to the host.
+    A copy that owns its 256 KB: a view would keep the whole ``pred_masks`` (~29 MB per ``<seg>``) alive for as
+    long as the round result is kept (every round of a conversation; it was the server's PSS creep)."""
     m = pred_masks[index][NUM_BG + query_index]
     if hasattr(m, "detach"):
         m = m.detach().float().cpu().numpy()
-    m = np.asarray(m, dtype=np.float32)
+    m = np.array(m, dtype=np.float32, copy=True)
     return m.reshape(m.shape[-2], m.shape[-1])

@@ -89,7 +89,7 @@ def _openvino_opener(export: ExportFolder, device: str, threads: int | None) -> 
     threads = threads or os.cpu_count() or 1
 
     def open_graph(name: str):
-        return open_compiled(core, export.graph_path(name), name, "f32", threads)
+        return open_compiled(core, export.graph_path(name), name, "f32", threads, kv_layout=export.manifest.kv_layout)
 
     return open_graph
 

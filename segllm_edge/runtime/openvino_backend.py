@@ -155,7 +155,8 @@ class OpenVinoBackend(OrtBackend):
         for name, g in manifest.graphs.items():
             prec = HIPIE_PRECISIONS[hipie_precision] if name in HIPIE_GRAPHS else "f32"
             ffn = FFN_PRECISIONS.get(hipie_precision) if name in FFN_BF16_GRAPHS else None
-            sessions[name] = open_graph(core, folder / g.file, name, prec, threads, ffn=ffn)
+            sessions[name] = open_graph(core, folder / g.file, name, prec, threads, ffn=ffn,
+                                        kv_layout=manifest.kv_layout)
             check_graph_inputs(g, sessions[name])
         backend = cls.from_sessions(export, sessions)
         backend.hipie_precision = hipie_precision
@@ -168,9 +169,12 @@ class OpenVinoBackend(OrtBackend):
                            "engines": {k: s.get_providers()[0] for k, s in self.sessions.items()}})
 
 
-def open_graph(core, path: Path, name: str, precision: str, threads: int, ffn=None):
+def open_graph(core, path: Path, name: str, precision: str, threads: int, ffn=None, kv_layout: str = "concat"):
     """The graph at ``path`` compiled by OpenVINO at ``precision``, or on onnxruntime where OpenVINO cannot
-    compile it; CheckpointError when the file is missing or neither can load it."""
+    compile it; CheckpointError when the file is missing or neither can load it. The llm of an export in the
+    in-place KV layout always runs on onnxruntime (its past and present are bound to one buffer: IOBinding)."""
+    if name == "llm" and kv_layout != "concat":
+        return _ort_session(path, threads, name, f"the {kv_layout!r} KV layout needs onnxruntime's IOBinding")
     try:
         return OpenVinoSession(core, path, precision, threads, ffn=ffn)
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own

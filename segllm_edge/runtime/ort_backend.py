@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from ..contracts.export_folder import ExportFolder, open_export
-from ..contracts.manifest import kv_names
+from ..contracts.manifest import KV_INPLACE, kv_names
 from ..contracts import ort as ortc
 from ..contracts.precisions import numpy_dtype
 from ..errors import BackendError, CheckpointError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from .arena import llm_run_options
+from .kv_buffer import inplace_cache, run_llm_inplace, session_kv_device
 from .kv_cache import HostKVCache
 from .shared_weights import CLIP_GRAPHS, open_sessions_sharing_weights
 
@@ -108,12 +109,19 @@ class OrtBackend:
 
     def new_cache(self) -> HostKVCache:
         dt = self._dtypes["llm"][self._past[0]]
+        if self.manifest.kv_layout == KV_INPLACE:      # buffers the graph writes into (runtime/kv_buffer.py)
+            return inplace_cache(self.info, dt, session_kv_device(self.sessions["llm"]))
         return HostKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dtype=dt)
 
     def llm(self, embeds, cache: HostKVCache | None):
         keep = cache is not None
         if not keep:
             cache = self.new_cache()
+        if self.manifest.kv_layout == KV_INPLACE:
+            sess = self.sessions["llm"]
+            return run_llm_inplace(sess, np.asarray(embeds, dtype=self._dtypes["llm"]["inputs_embeds"]), cache,
+                                   "inputs_embeds", self._past, "hidden_states", self._present,
+                                   llm_run_options(sess, np.shape(embeds)[1]))
         feeds = {"inputs_embeds": embeds}
         feeds.update(zip(self._past, cache.arrays))
         # after a prefill the llm's arena gives back what it grew by

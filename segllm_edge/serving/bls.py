@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..contracts.export_folder import open_export
-from ..contracts.manifest import kv_names
+from ..contracts.manifest import KV_INPLACE, kv_names
 from ..contracts.precisions import numpy_dtype
 from ..contracts.serving import (BLS_GRAPHS, PARAM_THREADS, TIMINGS_IN_PROCESS, IN_CONVERSATION, IN_END, IN_IMAGE, IN_QUESTION, IN_REFS, IN_START,
                                  IN_WANT_MASK_LOGITS, OUT_BOX, OUT_CONTEXT_TOKENS, OUT_CONVERSATION, OUT_MASK,
@@ -116,6 +116,10 @@ class TritonBlsBackend:
 
     def new_cache(self):
         dt = self._io["llm"][2][self._past[0]]
+        if self.manifest.kv_layout == KV_INPLACE:     # buffers the llm writes into (runtime/kv_buffer.py)
+            from ..runtime.kv_buffer import inplace_cache
+
+            return inplace_cache(self.info, dt, self.local.kv_device if getattr(self.local, "bind_kv", False) else None)
         if getattr(self.local, "bind_kv", False):     # device buffers (IOBinding), see bls_graphs
             return self.local.new_cache(self.info, dt)
         return HostKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dtype=dt)
@@ -124,6 +128,12 @@ class TritonBlsBackend:
         keep = cache is not None
         if cache is None:
             cache = self.new_cache()
+        if self.manifest.kv_layout == KV_INPLACE:
+            t0 = time.perf_counter()
+            hidden = self.local.llm_inplace(np.asarray(embeds, dtype=self._io["llm"][2][self._io["llm"][0][0]]), cache,
+                                            self._io["llm"][0][0], self._past, self._io["llm"][1][0], self._present)
+            self.local_ms["llm"] = self.local_ms.get("llm", 0.0) + (time.perf_counter() - t0) * 1e3
+            return hidden
         if getattr(self.local, "bind_kv", False):
             ins, outs, dts = self._io["llm"]
             t0 = time.perf_counter()

@@ -87,6 +87,21 @@ class BlsGraphs:
         finally:
             self.run_ms["llm"] = self.run_ms.get("llm", 0.0) + (time.perf_counter() - t0) * 1e3
 
+    def llm_inplace(self, embeds: np.ndarray, cache, embeds_name: str, past: Sequence[str], hidden_name: str,
+                    present: Sequence[str]) -> np.ndarray:
+        """The llm of an export in the in-place KV layout on a
+        :class:`~segllm_edge.runtime.kv_buffer.BufferKVCache`: the round's tokens written into its buffers."""
+        from ..runtime.arena import llm_run_options
+        from ..runtime.kv_buffer import run_llm_inplace
+
+        t0 = time.perf_counter()
+        sess = self.sessions["llm"]
+        try:
+            return run_llm_inplace(sess, embeds, cache, embeds_name, list(past), hidden_name, list(present),
+                                   llm_run_options(sess, np.shape(embeds)[1]))
+        finally:
+            self.run_ms["llm"] = self.run_ms.get("llm", 0.0) + (time.perf_counter() - t0) * 1e3
+
     def run(self, graph: str, feeds: Mapping[str, np.ndarray], outputs: Sequence[str],
             run_options=None) -> list[np.ndarray]:
         t0 = time.perf_counter()

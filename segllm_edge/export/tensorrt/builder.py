@@ -151,7 +151,7 @@ def plan_build(export_dir, precision: str = "fp16", options: BuildOptions | None
     Raises CheckpointError for a bad export and BackendError for combinations that cannot work."""
     import onnx
 
-    from ...contracts.manifest import Manifest
+    from ...contracts.manifest import KV_CONCAT, Manifest
     from .ops import check_graph
     from ...contracts.engine_profiles import ProfileLimits, check_profiles, make_profiles
 
@@ -165,6 +165,11 @@ def plan_build(export_dir, precision: str = "fp16", options: BuildOptions | None
     folder = Path(export_dir)
     manifest = Manifest.load(folder)
     manifest.check_files(folder)
+    if manifest.kv_layout != KV_CONCAT and "llm" in (options.graphs or manifest.graphs):
+        raise BackendError(f"{folder} holds its llm in the {manifest.kv_layout!r} KV layout "
+                           "(com.microsoft.GroupQueryAttention, onnxruntime only); TensorRT engines are built from "
+                           "the concat layout: build from an export without `segllm-edge convert-kv-inplace`, or "
+                           "leave the llm out (graphs=...)")
     limits = ProfileLimits.from_manifest(manifest, max_batch=options.max_batch, max_masks=options.max_masks,
                                          max_seg=options.max_seg, empty_past=options.empty_past)
     profiles = make_profiles(manifest, limits)
