@@ -41,10 +41,13 @@ def test_variant_is_swapped_in_and_restored():
             raise RuntimeError("boom")
     except RuntimeError:
         pass
-    assert type(mod[0]) is MSDeformAttn
+    assert type(mod[0]) is MSDeformAttn and mask_head.aligned_bilinear is aligned_bilinear
+    with pytest.raises(ValueError, match="fast-v2, fast-v3"):
+        with fast_hipie(mod, "fast-v9"):
+            pass
 
 
-def test_exported_mask_decoder_has_no_einsum(golden_export):
+def test_exported_mask_decoder_is_the_default_variant(golden_export):
     man = Manifest.load(golden_export)
     m = onnx.load(str(golden_export / man.graphs["mask_decoder"].file), load_external_data=False)
     ops = [n for n in m.graph.node if n.op_type == "Einsum"]
@@ -144,7 +147,8 @@ def test_exported_mask_decoder_matches_pytorch_under_openvino(golden_export, gol
     from segllm_edge.export.graphs import GRAPH_MODULES
 
     g = torch.Generator().manual_seed(7)
-    args = (*[torch.randn(1, 256, h, w, generator=g) for h, w in HIPIE_LEVELS], torch.randn(1, 8, 768, generator=g) * 0.5)
+    # two conditionings: the decoder's per-conditioning row offsets (0 for the first) are exercised
+    args = (*[torch.randn(1, 256, h, w, generator=g) for h, w in HIPIE_LEVELS], torch.randn(2, 8, 768, generator=g) * 0.5)
     with torch.no_grad():
         want = GRAPH_MODULES["mask_decoder"](golden_model.backend.model).eval()(*args)
     man = Manifest.load(golden_export)

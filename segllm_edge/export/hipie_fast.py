@@ -19,6 +19,7 @@ without Interpolate. Results differ from the reference only by float summation o
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Sequence
 
 import torch
@@ -41,8 +42,11 @@ HIPIE_GRAPH_VARIANTS = {
                 "and per-level channel-major value, clamped FC outputs (oneDNN brgemm), x2 mask upsampling "
                 "without Interpolate"),
 }
-#: the variant the exporter writes
-HIPIE_GRAPH_VARIANT = HIPIE_GRAPH_VARIANTS["fast-v3"]
+#: the variant the exporter writes (its description is what the manifest records)
+DEFAULT_VARIANT = "fast-v3"
+# the x2 upsampling is a module-level function of the reference (not a module whose class can be swapped): the
+# patch is process-wide for the block, so blocks that patch it run one at a time
+_FUNCTION_PATCH_LOCK = threading.RLock()
 
 
 def ms_deform_attn_fast(value: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]],
@@ -72,28 +76,35 @@ class FastMSDeformAttn(MSDeformAttn):
     core = staticmethod(ms_deform_attn_fast)
 
 
-def _variants(name: str) -> dict[type, type]:
-    return {"fast-v2": {MSDeformAttn: FastMSDeformAttn},
-            "fast-v3": {MSDeformAttn: FastMSDeformAttnV3, EncoderLayer: FastEncoderLayerV3}}[name]
+def _variants(name: str) -> tuple[dict[type, type], dict]:
+    """The class swaps and the ``mask_head`` function patches of variant ``name``."""
+    table = {"fast-v2": ({MSDeformAttn: FastMSDeformAttn}, {}),
+             "fast-v3": ({MSDeformAttn: FastMSDeformAttnV3, EncoderLayer: FastEncoderLayerV3},
+                         {"aligned_bilinear": aligned_bilinear_x2})}
+    if name not in table:
+        raise ValueError(f"unknown HIPIE graph variant {name!r}; choose one of {', '.join(HIPIE_GRAPH_VARIANTS)}")
+    return table[name]
 
 
 @contextlib.contextmanager
-def fast_hipie(module: nn.Module, variant: str = "fast-v3"):
+def fast_hipie(module: nn.Module, variant: str = DEFAULT_VARIANT):
     """Within the block, the reference modules under ``module`` run the export ``variant``
     (a key of :data:`HIPIE_GRAPH_VARIANTS`)."""
-    table = _variants(variant)
+    classes, functions = _variants(variant)
     swapped = []
-    upsample = mask_head.aligned_bilinear
-    try:
-        if variant == "fast-v3":   # the mask head's x2 upsampling is a function, not a module
-            mask_head.aligned_bilinear = aligned_bilinear_x2
-        for sub in module.modules():
-            cls = table.get(type(sub))
-            if cls is not None:
-                swapped.append((sub, type(sub)))
+    with _FUNCTION_PATCH_LOCK if functions else contextlib.nullcontext():
+        saved = {name: getattr(mask_head, name) for name in functions}
+        try:
+            for name, fn in functions.items():
+                setattr(mask_head, name, fn)
+            for sub in module.modules():
+                cls = classes.get(type(sub))
+                if cls is not None:
+                    swapped.append((sub, type(sub)))
+                    sub.__class__ = cls
+            yield module
+        finally:
+            for name, fn in saved.items():
+                setattr(mask_head, name, fn)
+            for sub, cls in swapped:
                 sub.__class__ = cls
-        yield module
-    finally:
-        mask_head.aligned_bilinear = upsample
-        for sub, cls in swapped:
-            sub.__class__ = cls

@@ -7,7 +7,9 @@ On top of ``fast-v2`` (:func:`.hipie_fast.ms_deform_attn_fast`: no Einsum, point
   points of it. Sampling and the weighted sum are linear in the value, so the variant computes each sample's 4
   corner indices and weights (zero padding, the attention weight folded in), gathers those rows of the
   token-major memory, sums them and applies each head's 32 rows of ``value_proj`` (its bias times the summed
-  in-bounds weight): ~14 MFLOP per layer instead of 2.85 GFLOP, no 22 MB transpose per layer.
+  in-bounds weight): ~43 MFLOP per layer and conditioning (gather-sum 880 x 64 x 256, projection 8 x 110 x
+  256 x 32 multiply-adds) instead of 2.85 GFLOP, and no 22 MB transpose per layer; the gathered rows are one
+  ~58 MB tensor per layer and conditioning (880 x 64 rows of 1 KB).
 * **encoder: location arithmetic folded.** The sampling offsets' ``/ normaliser`` and the grid's ``2x - 1`` go
   into the offsets' weights (per output column) and one same-shape ``2 ref - 1`` add before the points-major
   permutation (instead of a 6-d broadcast over 5.6 M elements).
@@ -35,8 +37,9 @@ _F32_MAX = float(torch.finfo(torch.float32).max)
 def fc(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)`` followed by a clamp to the float32 range: the identity on finite values, but a post-op that
     OpenVINO's CPU plugin fuses into the FullyConnected, which then runs on oneDNN's brgemm instead of MLAS
-    (MLAS takes only post-op-free layers): the 2048 -> 256 feed-forward layer 1.16x, a 256 -> 256 projection
-    1.10x faster on this 2-core CPU, bit-identical outputs."""
+    (MLAS takes only post-op-free layers): the 256 -> 2048 -> 256 feed-forward 1.16x, a 256 -> 256 projection
+    1.10x faster on this 2-core CPU (OpenVINO 2026.4's kernel choice: a later OpenVINO may not keep it),
+    bit-identical outputs. Exact for finite values; an infinity becomes +-FLT_MAX."""
     return torch.clamp(linear(x), -_F32_MAX, _F32_MAX)
 
 
@@ -50,7 +53,7 @@ def _level_starts(spatial_shapes: Sequence[tuple[int, int]]) -> list[int]:
 
 class FastMSDeformAttnV3(MSDeformAttn):
     """:class:`MSDeformAttn` computing the same function (encoder: 2-d reference points and a token tensor;
-    decoder: box reference points and :class:`MemoryMaps`)."""
+    decoder: box reference points and the token-major memory)."""
 
     def forward(self, query, reference_points, value_in, spatial_shapes, offset_normalizer=None):
         if reference_points.shape[-1] == 2:
@@ -62,7 +65,7 @@ class FastMSDeformAttnV3(MSDeformAttn):
         m, lv, p = self.n_heads, self.n_levels, self.n_points
         d = self.d_model // m
         # grid = 2 * (ref + off / normaliser) - 1 = off * (2 / normaliser) + (2 ref - 1): the scale goes into the
-        # offsets' weights (columns ordered M, L, P, xy), the (Lq, 2) shift is added after the permutation
+        # offsets' weights (columns ordered M, L, P, xy), the (Lq, 2) shift is added before the permutation
         col = (2.0 / offset_normalizer)[None, :, None, :].expand(m, lv, p, 2).reshape(-1)
         shift = (2.0 * reference_points - 1.0)[:, :, None, :, None, :].expand(-1, lq, m, lv, p, 2)
         off = (torch.clamp(F.linear(query, self.sampling_offsets.weight * col[:, None],

@@ -15,7 +15,7 @@ from ..errors import CheckpointError
 from .graphs import GRAPH_MODULES, dynamic_shapes, example_inputs
 from ..contracts.manifest import Manifest, build_manifest
 from .attention_layout import rewrite_graph_file
-from .hipie_fast import FAST_GRAPHS, HIPIE_GRAPH_VARIANT, fast_hipie
+from .hipie_fast import DEFAULT_VARIANT, FAST_GRAPHS, HIPIE_GRAPH_VARIANTS, fast_hipie
 from .streamed import DEFAULT_OPSET as OPSET, QUIET_LOGGERS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -85,7 +85,7 @@ def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False
     sink = io.StringIO()
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
     fast = name in FAST_GRAPHS  # export-time module variants (same maths, faster ops; the reference is untouched)
-    variant = fast_hipie(module) if fast else contextlib.nullcontext()
+    variant = fast_hipie(module, DEFAULT_VARIANT) if fast else contextlib.nullcontext()
     with quiet, variant, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         for logger in QUIET_LOGGERS:
@@ -102,7 +102,7 @@ def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False
     if name == "llm":   # Q @ K^T reads the key cache in place (no copy of it per layer and round)
         notes["key_transposes_fused"] = rewrite_graph_file(path)
     if fast:
-        notes["variant"] = HIPIE_GRAPH_VARIANT
+        notes["variant"] = HIPIE_GRAPH_VARIANTS[DEFAULT_VARIANT]
     return notes
 
 
