@@ -213,3 +213,29 @@ def test_fp16_cache_in_place(golden_export_fp16, tmp_path):
         emb = rng.standard_normal((1, n, new.info.hidden_size)).astype(np.float32)
         np.testing.assert_allclose(new.llm(emb, cn), old.llm(emb, co), rtol=2e-2, atol=2e-2)
     assert cn.buffers[0].dtype == np.float16 and cn.length == co.length == 16
+
+
+def test_fp32_cuda_cache_stays_on_the_host_and_old_onnxruntime_is_refused():
+    """onnxruntime's CUDA GroupQueryAttention has no fp32 kernel: an fp32 cache is not put on the GPU (it would
+    cross PCIe whole twice per round); an onnxruntime without multi-token GQA over a past is a clear error."""
+    from types import SimpleNamespace
+
+    from segllm_edge.errors import BackendError
+    from segllm_edge.runtime.kv_buffer import check_onnxruntime_version, inplace_cache
+
+    info = SimpleNamespace(num_layers=1, num_kv_heads=2, head_dim=4, max_context=64)
+    assert inplace_cache(info, np.float32, ("cuda", 0)).device is None
+    assert inplace_cache(info, np.float32, ("cpu", 0)).device == ("cpu", 0)
+    check_onnxruntime_version("1.20.0")
+    check_onnxruntime_version("1.32.0")
+    with pytest.raises(BackendError, match="onnxruntime >= 1.20"):
+        check_onnxruntime_version("1.19.2")
+
+
+def test_bf16_in_place_is_refused_before_any_export_work(tmp_path):
+    from segllm_edge.errors import ConfigError
+    from segllm_edge.export.onnx_export import export_model
+
+    with pytest.raises(ConfigError, match="no bf16 kernel"):
+        export_model(tmp_path / "no-checkpoint-needed", tmp_path / "out", precision="bf16", kv_layout="inplace")
+    assert not (tmp_path / "out").exists()

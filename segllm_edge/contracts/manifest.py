@@ -7,6 +7,7 @@ String dimensions are named dynamic axes; integers are fixed.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,11 @@ class Manifest:
 
     def save(self, folder: str | Path) -> Path:
         p = Path(folder) / MANIFEST_NAME
-        p.write_text(json.dumps(self.to_dict(), indent=1))
+        # a new file renamed over the old one: never written through a hard link (a Triton repository links
+        # the export's manifest) and never half-written
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, p)
         return p
 
     @classmethod

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..contracts.manifest import KV_LAYOUTS
+from ..contracts.manifest import KV_CONCAT, KV_LAYOUTS
 from ..contracts.precisions import EXPORT_PRECISIONS
 from ..errors import SegLLMError
 
@@ -18,7 +18,7 @@ from ..errors import SegLLMError
 @click.option("--no-drift-report", is_flag=True, help="skip the accuracy check of reduced precisions")
 @click.option("--allow-accuracy-drop", is_flag=True,
               help="exit 0 even when the reduced-precision export fails its accuracy guard")
-@click.option("--kv-layout", default="concat", show_default=True, type=click.Choice(KV_LAYOUTS),
+@click.option("--kv-layout", default=KV_CONCAT, show_default=True, type=click.Choice(KV_LAYOUTS),
               help="inplace: the llm writes each round's keys/values into preallocated buffers (no copy of the past "
                    "per round; onnxruntime backends only), see triton_models/README.md")
 def export_command(checkpoint, out, precision, force, no_drift_report, allow_accuracy_drop, kv_layout):

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .graphs import GRAPH_MODULES, dynamic_shapes, example_inputs
-from ..contracts.manifest import Manifest, build_manifest
+from ..contracts.manifest import KV_CONCAT, Manifest, build_manifest
 from .attention_layout import rewrite_graph_file
 from .hipie_fast import DEFAULT_VARIANT, FAST_GRAPHS, HIPIE_GRAPH_VARIANTS, fast_hipie
 from .streamed import DEFAULT_OPSET as OPSET, QUIET_LOGGERS
@@ -108,7 +108,7 @@ def export_graph(model, info, name: str, spec, path: Path, verbose: bool = False
 
 def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool = False, progress: bool = True,
                  drift_report: bool = True, drift_probe=None, allow_accuracy_drop: bool = False,
-                 fp32_graphs_from: Path | None = None, kv_layout: str = "concat") -> Manifest:
+                 fp32_graphs_from: Path | None = None, kv_layout: str = KV_CONCAT) -> Manifest:
     """Write every graph, the manifest, the tokenizer and the token embedding table into ``out_dir``.
 
     The CLIP, LLM and seg-head graphs are exported directly at ``precision`` with their weights streamed from the
@@ -130,6 +130,10 @@ def export_model(checkpoint_dir, out_dir, precision: str = "fp32", force: bool =
         raise CheckpointError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if kv_layout not in KV_LAYOUTS:
         raise CheckpointError(f"unknown kv_layout {kv_layout!r}; choose one of {', '.join(KV_LAYOUTS)}")
+    if kv_layout == KV_INPLACE and precision == "bf16":   # refused before minutes of export work
+        raise ConfigError("the in-place KV layout has no bf16 kernel on the CPU (onnxruntime's GroupQueryAttention "
+                          "CPU kernel is fp32/fp16, and the drift report runs there): export bf16 in the concat "
+                          "layout, or fp16 in place")
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
     prepare_out_dir(out, ckpt, force, remove=False)   # the cheap refusals, before loading anything
     loaded = load_checkpoint(ckpt, dtype=PRECISION_DTYPES[precision], lazy=True)  # headers only (+ HIPIE)

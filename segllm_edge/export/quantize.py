@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import AccuracyGuardError, CheckpointError
 from .drift import DriftProbe, compare_rounds, format_drift, guard, run_probe
-from ..contracts.manifest import Manifest, kv_names
+from ..contracts.manifest import KV_CONCAT, Manifest, kv_names
 from ..contracts.precisions import EXPORT_PRECISIONS as PRECISIONS
 from .files import graph_sizes, has_external_data, replace_graph, save_graph
 
@@ -111,7 +111,7 @@ def quantize_export(export_dir, precision: str, drift_probe: DriftProbe | None =
     manifest = Manifest.load(folder)
     if manifest.precision != "fp32":
         raise CheckpointError(f"{folder} is already {manifest.precision}; quantize from an fp32 export")
-    if manifest.kv_layout != "concat":
+    if manifest.kv_layout != KV_CONCAT:
         raise CheckpointError(f"{folder} has the {manifest.kv_layout!r} KV layout: quantize the export first, then "
                               "convert it (`segllm-edge convert-kv-inplace`)")
     if precision not in PRECISIONS:

@@ -15,7 +15,9 @@ allocator a new block for each longer one).
 * ``nbytes`` is what the buffers hold (capacity), the memory the session budget and the memory figures count;
   ``valid_bytes`` the part in use.
 * On a GPU (``device=("cuda", id)``) the buffers are device OrtValues bound with ``bind_ortvalue_input/output``;
-  growth is then the only path that copies the cache through the host. ``("cpu", 0)`` runs the same code.
+  growth is then the only path that copies the cache through the host. Only fp16/bf16 caches go there
+  (onnxruntime's CUDA GroupQueryAttention has no fp32 kernel: an fp32 graph's attention runs on the CPU
+  provider, and :func:`inplace_cache` keeps its buffers in host memory). Not yet run on a GPU. ``("cpu", 0)`` runs the same code.
 """
 from __future__ import annotations
 
@@ -127,8 +129,34 @@ def session_kv_device(session):
     return ("cuda", int(opts.get("device_id", 0)))
 
 
+#: the first onnxruntime whose GroupQueryAttention takes several new tokens on top of a past in a shared buffer
+#: ("continuous decoding", onnxruntime PR 21523, release 1.20); older ones reject a multi-token round
+MIN_ONNXRUNTIME = (1, 20)
+
+
+def check_onnxruntime_version(version: str) -> None:
+    """A :class:`BackendError` if onnxruntime ``version`` cannot run an ``"inplace"``-layout llm graph."""
+    try:
+        have = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return   # a development build: let it try
+    if have < MIN_ONNXRUNTIME:
+        raise BackendError(f"the in-place KV layout needs onnxruntime >= {'.'.join(map(str, MIN_ONNXRUNTIME))} "
+                           f"(GroupQueryAttention over a past), this is {version}: upgrade onnxruntime or use an "
+                           "export in the concat layout")
+
+
 def inplace_cache(info, dtype, device=None) -> BufferKVCache:
-    """The cache of an ``"inplace"``-layout export described by ``info`` (a ModelInfo)."""
+    """The cache of an ``"inplace"``-layout export described by ``info`` (a ModelInfo).
+
+    ``device`` is where the session runs; the buffers go where its GroupQueryAttention kernel runs: onnxruntime's
+    CUDA kernel takes fp16/bf16 only, an fp32 graph's attention runs on the CPU provider, so its buffers stay in
+    host memory (device buffers would cross PCIe whole, twice per round)."""
+    from ..contracts.ort import require_onnxruntime
+
+    check_onnxruntime_version(require_onnxruntime().__version__)
+    if device is not None and str(device[0]) == "cuda" and np.dtype(dtype) == np.float32:
+        device = None
     return BufferKVCache(info.num_layers, info.num_kv_heads, info.head_dim, dtype, max_tokens=info.max_context,
                          device=device)
 
@@ -157,4 +185,4 @@ def run_llm_inplace(session, embeds: np.ndarray, cache: BufferKVCache, embeds_na
     return io.get_outputs()[0].numpy()
 
 
-__all__ = ["BLOCK", "BufferKVCache", "inplace_cache", "run_llm_inplace", "session_kv_device"]
+__all__ = ["BLOCK", "BufferKVCache", "MIN_ONNXRUNTIME", "check_onnxruntime_version", "inplace_cache", "run_llm_inplace", "session_kv_device"]

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..contracts.export_folder import open_export
+from ..contracts.manifest import KV_CONCAT
 from ..contracts.ort import require_onnxruntime
 from ..errors import BackendError, CheckpointError, ConfigError
 from .ort_backend import OrtBackend, check_graph_inputs
@@ -169,11 +170,11 @@ class OpenVinoBackend(OrtBackend):
                            "engines": {k: s.get_providers()[0] for k, s in self.sessions.items()}})
 
 
-def open_graph(core, path: Path, name: str, precision: str, threads: int, ffn=None, kv_layout: str = "concat"):
+def open_graph(core, path: Path, name: str, precision: str, threads: int, ffn=None, kv_layout: str = KV_CONCAT):
     """The graph at ``path`` compiled by OpenVINO at ``precision``, or on onnxruntime where OpenVINO cannot
     compile it; CheckpointError when the file is missing or neither can load it. The llm of an export in the
     in-place KV layout always runs on onnxruntime (its past and present are bound to one buffer: IOBinding)."""
-    if name == "llm" and kv_layout != "concat":
+    if name == "llm" and kv_layout != KV_CONCAT:
         return _ort_session(path, threads, name, f"the {kv_layout!r} KV layout needs onnxruntime's IOBinding")
     try:
         return OpenVinoSession(core, path, precision, threads, ffn=ffn)
