@@ -51,10 +51,13 @@ def export_command(checkpoint, out, precision, force, no_drift_report, allow_acc
 
 
 def _probe(segllm_edge, precision: str):
-    """The drift probe: on OpenVINO for bf16 (onnxruntime's CPU provider has no bf16 kernels) when it is installed;
-    without it the bf16 drift report says the export could not run here."""
+    """The drift probe: on OpenVINO for bf16 (onnxruntime's CPU provider has no bf16 kernels) when it is installed,
+    its fp32 reference on onnxruntime when that is installed (OpenVINO's CPU plugin holds an fp32 graph twice: the
+    7B-width fp32 llm peaked at ~2x its size there, ~1x on onnxruntime); without OpenVINO the bf16 drift report says
+    the export could not run here."""
     import importlib.util
 
     if precision == "bf16" and importlib.util.find_spec("openvino") is not None:
-        return segllm_edge.drift_probe(backend="openvino")
+        ref = "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else "openvino"
+        return segllm_edge.drift_probe(backend="openvino", reference_backend=ref)
     return segllm_edge.drift_probe()

@@ -108,10 +108,12 @@ def drift_against_fp32(folder: Path, manifest: Manifest, probe, skipped_why: str
                                                            f"{available_memory() / 2**30:.1f} GiB of memory available")
             else:
                 release_memory()
-                report["rounds"] = compare_rounds(run_probe(probe, ref_dir), got, precision)
+                report["rounds"] = compare_rounds(run_probe(probe.for_reference(), ref_dir), got, precision)
                 peaks["fp32_reference"] = max_rss()
     if probe is not None:
         report["guard"] = guard(report["rounds"])
+        if probe.backends:
+            report["probe_backends"] = dict(probe.backends)
     if "fp32" not in report["size_bytes"]:
         report["size_bytes"]["fp32"] = {}
     (Path(folder) / REPORT_FILE).write_text(json.dumps(report, indent=1))
