@@ -24,7 +24,7 @@ GUARD_MIN_IOU = 0.9  # a compared round whose mask IoU vs fp32 falls below this 
 class DriftProbe:
     """What the drift report runs: ``load(folder)`` returns a model with ``.session(image, trace=True)``.
     ``reference_load`` loads the fp32 reference instead of ``load`` when set (a bf16 export runs on OpenVINO, its
-    fp32 reference on onnxruntime, which holds an fp32 graph in half OpenVINO's memory); ``backends`` names the
+    fp32 reference on onnxruntime, where the 7B-width probe's fp32 reference needs less memory); ``backends`` names the
     runtime of each side for the report."""
     load: Callable[[Path], Any]
     image: Any
