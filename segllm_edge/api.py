@@ -184,25 +184,30 @@ def load(path: str | Path, backend: str | None = None, dtype="auto", device: str
     return SegLLM(TrtBackend.from_export(path, device=device if str(device).startswith("cuda") else "cuda", **kwargs))
 
 
-def drift_probe(image=None, questions=None, backend: str = "onnxruntime", device: str = "cpu", lean: bool = True):
+def drift_probe(image=None, questions=None, backend: str = "onnxruntime", device: str = "cpu", lean: bool = True,
+                reference_backend: str | None = None):
     """The conversation a reduced-precision export's drift report runs (``export_model(drift_probe=...)``):
     by default the bundled demo image and questions. Each export folder is loaded with one graph resident at a
     time (``lean``, :mod:`segllm_edge.runtime.lean_sessions`: the same rounds at the memory of the largest graph),
     or with :func:`load` (every graph resident) when ``lean=False`` — and on any backend or device lean loading
-    does not cover (TensorRT, torch, a GPU), where host memory is not what bounds the probe."""
+    does not cover (TensorRT, torch, a GPU), where host memory is not what bounds the probe.
+    ``reference_backend``: the backend of the fp32 reference conversation (default: ``backend``)."""
     from .contracts.demo import DEMO_QUESTIONS, demo_image
     from .export.drift import DriftProbe
     from .runtime.lean_sessions import LEAN_BACKENDS
 
-    lean = lean and backend in LEAN_BACKENDS and str(device) == "cpu"
+    def opener(name: str):
+        def open_folder(folder):
+            if not (lean and name in LEAN_BACKENDS and str(device) == "cpu"):
+                return load(folder, backend=name, device=device)
+            from .runtime.lean_sessions import load_lean
 
-    def open_folder(folder):
-        if not lean:
-            return load(folder, backend=backend, device=device)
-        from .runtime.lean_sessions import load_lean
+            return SegLLM(load_lean(folder, backend=name, device=device))
+        return open_folder
 
-        return SegLLM(load_lean(folder, backend=backend, device=device))
-
-    return DriftProbe(load=open_folder,
+    reference_backend = reference_backend or backend
+    return DriftProbe(load=opener(backend),
+                      reference_load=None if reference_backend == backend else opener(reference_backend),
+                      backends={"export": backend, "fp32": reference_backend},
                       image=demo_image() if image is None else image,
                       questions=tuple(questions or DEMO_QUESTIONS))

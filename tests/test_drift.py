@@ -87,6 +87,21 @@ def test_fp16_drift_report_says_what_it_compared(golden_export_fp16):
     assert r1["compared"] and r1["mask_iou_vs_fp32"] >= 0.98 and r1["same_query"]
     assert not r2["compared"] and not r2["mismatch"] and "refers to round 4" in r2["reason"]
     assert report["guard"]["passed"] is True and report["guard"]["compared_rounds"] == [1]
+    assert report["probe_backends"] == {"export": "onnxruntime", "fp32": "onnxruntime"}
+    assert "probe ran on export: onnxruntime, fp32: onnxruntime" in format_drift(report)
+
+
+def test_bf16_probe_runs_its_fp32_reference_on_onnxruntime():
+    """The export CLI's bf16 probe: the export on OpenVINO, the fp32 reference on onnxruntime (half the memory for
+    an fp32 graph); the drift report loads each side with its own loader."""
+    import segllm_edge
+    from segllm_edge.export.cli import _probe
+
+    probe = _probe(segllm_edge, "bf16")
+    assert probe.backends == {"export": "openvino", "fp32": "onnxruntime"}
+    assert probe.reference_load is not None and probe.for_reference().load is probe.reference_load
+    same = _probe(segllm_edge, "fp16")
+    assert same.backends == {"export": "onnxruntime", "fp32": "onnxruntime"} and same.for_reference() is same
 
 
 def test_fp16_export_has_an_fp16_kv_cache(golden_export_fp16):

@@ -11,7 +11,8 @@ from segllm_edge.contracts.manifest import Manifest
 from segllm_edge.errors import BackendError
 from segllm_edge.export.drift import DriftProbe, compare_rounds, run_probe
 from segllm_edge.runtime import lean_sessions
-from segllm_edge.runtime.lean_sessions import OneGraphAtATime, load_lean
+from segllm_edge.runtime.lean_sessions import (DISABLE_PREPACKING, OneGraphAtATime, OwnedOutputs, lean_session_options,
+                                              load_lean)
 
 from conftest import GOLDEN_QUESTIONS
 
@@ -49,15 +50,66 @@ def lean_run(golden_export_fp16, golden_image):
 
 
 def test_lean_probe_gives_the_all_resident_report(lean_run, golden_export_fp16, golden_image):
-    """Round for round the same outcomes (so compare_rounds writes the same report) as every graph resident."""
+    """Round for round the same outcomes (so compare_rounds writes the same report) as every graph resident with
+    the lean sessions' options; and, with the package's default options (weights prepacked), the same masks."""
     lean = lean_run[0]
-    resident = run_probe(segllm_edge.drift_probe(golden_image, QUESTIONS, lean=False), golden_export_fp16)
+
+    def resident_probe(**kwargs):
+        return DriftProbe(lambda f: segllm_edge.load(f, backend="onnxruntime", **kwargs), golden_image, QUESTIONS)
+
+    resident = run_probe(resident_probe(session_options=lean_session_options()), golden_export_fp16)
     assert [r.error for r in lean] == [r.error for r in resident] == [None]
     for a, b in zip(lean, resident):
         assert a.mask.any() and np.array_equal(a.mask, b.mask)
         np.testing.assert_array_equal(a.hidden, b.hidden)
         assert a.query_index == b.query_index
     assert compare_rounds(resident, lean, "fp16") == compare_rounds(resident, resident, "fp16")
+    prepacked = run_probe(segllm_edge.drift_probe(golden_image, QUESTIONS, lean=False), golden_export_fp16)
+    (row,) = compare_rounds(prepacked, lean, "fp16")
+    assert row["mask_iou_vs_fp32"] == 1.0 and row["same_query"] and row["hidden_max_rel_err"] < 1e-4, row
+
+
+def test_lean_sessions_skip_prepacking_and_leave_other_options_alone(lean_run):
+    """The probe's sessions: no weight prepacking, a fresh SessionOptions each (a user's options are not touched)."""
+    import onnxruntime as ort
+
+    from segllm_edge.contracts import ort as ortc
+
+    backend = lean_run[1]
+    session = backend.sessions["llm"]
+    assert isinstance(session, OwnedOutputs)
+    assert session.get_session_options().get_session_config_entry(DISABLE_PREPACKING) == "1"
+    user = ort.SessionOptions()
+    assert ortc.session_options(base=user) is user and lean_session_options() is not lean_session_options()
+    assert not _has_entry(user)
+    backend.sessions.close()
+
+
+def _has_entry(opts) -> bool:
+    try:
+        opts.get_session_config_entry(DISABLE_PREPACKING)
+    except Exception:  # noqa: BLE001 - onnxruntime raises when the key was never set
+        return False
+    return True
+
+
+def test_lean_outputs_do_not_keep_a_closed_session_arena():
+    """onnxruntime's outputs are views into the session's arena (they keep it alive after the session is closed);
+    a lean session's outputs own their memory."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    x = np.array([-1.0, 2.0], np.float32)
+    assert session.run(None, {"x": x})[0].base is not None  # what onnxruntime hands out
+    (y,) = OwnedOutputs(session).run(None, {"x": x})
+    assert y.base is None and y.flags.owndata and y.tolist() == [0.0, 2.0]
 
 
 def test_lean_backend_holds_one_graph_session_at_a_time(lean_run, golden_export_fp16):

@@ -8,7 +8,7 @@ reference it cannot resolve) is recorded as not compared, with the reason.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,10 +22,19 @@ GUARD_MIN_IOU = 0.9  # a compared round whose mask IoU vs fp32 falls below this 
 
 @dataclass(frozen=True)
 class DriftProbe:
-    """What the drift report runs: ``load(folder)`` returns a model with ``.session(image, trace=True)``."""
+    """What the drift report runs: ``load(folder)`` returns a model with ``.session(image, trace=True)``.
+    ``reference_load`` loads the fp32 reference instead of ``load`` when set (a bf16 export runs on OpenVINO, its
+    fp32 reference on onnxruntime, where the 7B-width probe's fp32 reference needs less memory); ``backends`` names the
+    runtime of each side for the report."""
     load: Callable[[Path], Any]
     image: Any
     questions: tuple[str, ...]
+    reference_load: Callable[[Path], Any] | None = None
+    backends: dict | None = None   # {"export": ..., "fp32": ...}
+
+    def for_reference(self) -> "DriftProbe":
+        """The probe that runs the fp32 reference export."""
+        return self if self.reference_load is None else replace(self, load=self.reference_load, reference_load=None)
 
 
 @dataclass
@@ -99,6 +108,8 @@ def format_drift(report: dict) -> str:
                          f"same query {r['same_query']}")
         else:
             lines.append(f"  round {r['round']}: not compared ({r['reason']})")
+    if report.get("probe_backends"):
+        lines.append("  probe ran on " + ", ".join(f"{k}: {v}" for k, v in report["probe_backends"].items()))
     if report.get("drift_skipped"):
         lines.append(f"  drift report not run: {report['drift_skipped']}")
     g = report.get("guard")

@@ -121,7 +121,7 @@ def quantize_export(export_dir, precision: str, drift_probe: DriftProbe | None =
                               "not converted from an fp32 export")
     probe = drift_probe if drift_report else None
     sizes_fp32 = graph_sizes(folder, manifest)
-    ref = run_probe(probe, folder) if probe is not None else None
+    ref = run_probe(probe.for_reference(), folder) if probe is not None else None
     conversions = _conversions(precision)
     for name, convert in conversions.items():
         convert(folder / manifest.graphs[name].file)
@@ -136,6 +136,8 @@ def quantize_export(export_dir, precision: str, drift_probe: DriftProbe | None =
     if ref is not None:
         report["rounds"] = compare_rounds(ref, run_probe(probe, folder), precision)
         report["guard"] = guard(report["rounds"])
+        if probe.backends:
+            report["probe_backends"] = dict(probe.backends)
     else:
         report["drift_skipped"] = "switched off" if not drift_report else "no drift probe was given"
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=1))

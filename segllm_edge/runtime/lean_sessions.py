@@ -7,6 +7,20 @@ lives in host arrays and survives the switches, so the rounds compute exactly wh
 the process holds the largest graph's session instead of the sum of all of them. A round calls four or five
 graphs, each switch costs a session creation: this is for the drift report's probe on a machine where the whole
 export would not fit at once (``segllm_edge.drift_probe(lean=True)``), not for serving.
+
+Two onnxruntime details decide what "one graph at a time" really holds (measured on the 7B-width probe,
+benchmarks/results/export_memory_7b.md):
+
+* onnxruntime hands a run's outputs to numpy without a copy, and each output keeps the allocator of the session
+  that made it alive — its whole CPU arena, the run's activation peak included — after the session is closed.
+  The conversation keeps outputs across graph switches (the KV cache, image features, traced rounds), so every
+  closed session's arena stayed resident and the "one graph" process grew round by round (fp16 probe: +0.5 to
+  +1 GiB per graph call, 3.4 GiB held between graphs by round 3). :class:`OwnedOutputs` copies the outputs out
+  (a few MB per call), so closing a session frees its arena.
+* the sessions are created without MatMul weight prepacking (``session.disable_prepacking``): prepacking makes a
+  packed copy of every weight on each of the round's session creations (23 s for the fp32 llm of 4 layers, and
+  its packed 3 GB anonymous instead of the file's pages); without it the external data stays memory-mapped. The
+  same kernels run on the same weights (the resident backend opens its CLIP graphs this way too).
 """
 from __future__ import annotations
 
@@ -15,14 +29,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from ..contracts import ort as ortc
 from ..contracts.export_folder import ExportFolder, open_export
 from ..errors import BackendError
 from ..process_memory import release_memory
 from .ort_backend import OrtBackend, check_graph_inputs, check_precision_runs_on
-from .shared_weights import CLIP_GRAPHS
 
 LEAN_BACKENDS = ("onnxruntime", "openvino")
+DISABLE_PREPACKING = "session.disable_prepacking"
 
 
 class OneGraphAtATime(Mapping):
@@ -66,16 +82,36 @@ class OneGraphAtATime(Mapping):
             release_memory()
 
 
+class OwnedOutputs:
+    """An onnxruntime session whose ``run`` returns arrays that own their memory, not views into the session's
+    arena (which would keep the arena alive after the session is closed). Everything else is the session's."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, output_names, feeds, run_options=None):
+        return [np.array(o, copy=True) if isinstance(o, np.ndarray) else o
+                for o in self.session.run(output_names, feeds, run_options)]
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def lean_session_options(threads: int | None = None):
+    """The SessionOptions of a lean session: the package's (:func:`segllm_edge.contracts.ort.session_options`),
+    without weight prepacking. A new object each call: nobody else's options are changed."""
+    opts = ortc.session_options(threads)
+    opts.add_session_config_entry(DISABLE_PREPACKING, "1")
+    return opts
+
+
 def _ort_opener(export: ExportFolder, device: str, threads: int | None) -> Callable[[str], Any]:
     ortc.require_onnxruntime()
     provs = ortc.providers_for(device)
     check_precision_runs_on(export, provs)
 
     def open_graph(name: str):
-        opts = ortc.session_options(threads)
-        if name in CLIP_GRAPHS:  # as the resident backend opens them (sharing weights): the same kernels, same outputs
-            opts.add_session_config_entry("session.disable_prepacking", "1")
-        return ortc.open_session(export.graph_path(name), opts, provs, name)
+        return OwnedOutputs(ortc.open_session(export.graph_path(name), lean_session_options(threads), provs, name))
 
     return open_graph
 
