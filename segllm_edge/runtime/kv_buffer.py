@@ -182,7 +182,9 @@ def run_llm_inplace(session, embeds: np.ndarray, cache: BufferKVCache, embeds_na
     else:
         session.run_with_iobinding(io, run_options)
     cache.length += new              # only once the run succeeded
-    return io.get_outputs()[0].numpy()
+    # a copy (one row block per new token): a view would keep the session's arena alive after the lean drift
+    # probe closes the session (runtime/lean_sessions.OwnedOutputs)
+    return np.array(io.get_outputs()[0].numpy(), copy=True)
 
 
 __all__ = ["BLOCK", "BufferKVCache", "MIN_ONNXRUNTIME", "check_onnxruntime_version", "inplace_cache", "run_llm_inplace", "session_kv_device"]

@@ -38,7 +38,6 @@ from ..process_memory import release_memory
 from .ort_backend import OrtBackend, check_graph_inputs, check_precision_runs_on
 
 LEAN_BACKENDS = ("onnxruntime", "openvino")
-DISABLE_PREPACKING = "session.disable_prepacking"
 
 
 class OneGraphAtATime(Mapping):
@@ -101,7 +100,7 @@ def lean_session_options(threads: int | None = None):
     """The SessionOptions of a lean session: the package's (:func:`segllm_edge.contracts.ort.session_options`),
     without weight prepacking. A new object each call: nobody else's options are changed."""
     opts = ortc.session_options(threads)
-    opts.add_session_config_entry(DISABLE_PREPACKING, "1")
+    opts.add_session_config_entry(ortc.DISABLE_PREPACKING, "1")
     return opts
 
 

@@ -203,7 +203,7 @@ def open_sessions_sharing_weights(files: Mapping[str, str | Path], options_facto
     opts = {}
     for graph in files:
         o = options_factory()
-        o.add_session_config_entry("session.disable_prepacking", "1")
+        o.add_session_config_entry(ortc.DISABLE_PREPACKING, "1")
         opts[graph] = o
     first_provider = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
     device = ("cuda", int(dict(providers[0][1]).get("device_id", 0)) if isinstance(providers[0], tuple) else 0) \
