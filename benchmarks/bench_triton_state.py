@@ -10,7 +10,10 @@ One tritonserver on a repository generated from the export, and the same export 
 (``segllm_edge.load(export, backend="onnxruntime")``). Four conversations on the golden image, two over
 Triton and two in-process: ``A`` stays short (round 1 + one short round: ~300 tokens), ``B`` is grown to
 ~1,800 tokens by two long questions (filler text, counted with the export's tokenizer). Then ``--reps``
-times, alternating: a short round (no reference) on Triton A, Triton B, local A, local B. Per round, the
+times, alternating: a short round (no reference) on Triton A, Triton B, local A, local B -- A before B on
+even reps, B before A on odd ones (what ran just before a round changes its cost: a round after a Triton
+round was measured ~40 ms slower than one after an in-process round, so a fixed order biased B/A; the
+medians are also reported split by the side of the previous round). Per round, the
 cost outside the mask decoder: Triton = client round trip - the server's ``mask_decoder`` call; local =
 the round's wall time - its ``mask_decoder`` stage. Ratios: Triton/local at ~1,800 tokens (target
 <= 1.3), Triton 1,800/300 (target <= 1.1). Memory: PSS summed over tritonserver and its stubs (and per
@@ -84,7 +87,7 @@ def _git(*args) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--export", type=Path, required=True)
-    ap.add_argument("--reps", type=int, default=9, help="alternating reps (>= 7 for a stable median)")
+    ap.add_argument("--reps", type=int, default=12, help="alternating reps (even: A and B go first equally often)")
     ap.add_argument("--long-tokens", type=int, default=1800, help="context of conversation B")
     ap.add_argument("--label", default="", help="name of the design measured (part of the result file name)")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads per model (default all cores)")
@@ -162,12 +165,20 @@ def main(argv=None) -> int:
         print(f"conversations grown in {report['grow_s'][-1]:.0f} s: A {context['A']} tokens, B {context['B']} tokens",
               flush=True)
 
+    previous: dict[str, list] = {k: [] for k in rounds}
+    last = [""]
+
     def measure(which):
         for rep in range(args.reps):
-            for key in [(side, c) for side in which for c in "AB"]:
+            # the order of A and B flips every rep, so that each is preceded as often by the other side's round
+            # as by its own side's (what ran just before a round changes its cost: see "by_previous")
+            order = "AB" if rep % 2 == 0 else "BA"
+            for key in [(side, c) for side in which for c in order]:
                 ms, r = ask(key, SHORT)
                 rounds[f"{key[0]}_{key[1]}"].append(ms)
                 stages[f"{key[0]}_{key[1]}"].append({k: v for k, v in r.timings.items() if not isinstance(v, str)})
+                previous[f"{key[0]}_{key[1]}"].append(last[0])
+                last[0] = f"{key[0]}_{key[1]}"
             pss = ""
             if "triton" in which:
                 report.setdefault("pss_per_rep", []).append(server.memory()["pss"])
@@ -216,7 +227,14 @@ def main(argv=None) -> int:
     med = {k: float(np.median(v)) for k, v in rounds.items()}
     low = {k: float(np.min(v)) for k, v in rounds.items()}
     report.update(phased=args.phased, round_ms_outside_mask_decoder=rounds, round_ms_median=med, round_ms_min=low,
-                  round_stage_ms=stages, context_tokens=dict(context))
+                  round_stage_ms=stages, context_tokens=dict(context), previous_round=previous)
+    by_previous: dict = {}
+    for key, ms in rounds.items():
+        for prev_side in sides:
+            got = [m for m, p in zip(ms, previous[key]) if p.startswith(prev_side)]
+            if got:
+                by_previous.setdefault(key, {})[f"after_{prev_side}"] = {"median": float(np.median(got)), "n": len(got)}
+    report["round_ms_by_previous_side"] = by_previous
     report["ratios"] = {
         "triton_over_local_at_long": med["triton_B"] / med["local_B"],
         "triton_over_local_at_short": med["triton_A"] / med["local_A"],
@@ -253,6 +271,12 @@ def main(argv=None) -> int:
         print(f"server PSS after rep 1: {per_rep[0] / 2**30:.2f} GiB, after rep {len(per_rep)}: "
               f"{per_rep[-1] / 2**30:.2f} GiB (creep {report['pss_creep_bytes'] / 2**20:+.0f} MiB; per process: "
               + ", ".join(f"{m} {(b - first.get(m, 0)) / 2**20:+.0f}" for m, b in last.items()) + ")")
+    print("median by the side of the round just before: " + "; ".join(
+        f"{k} " + ", ".join(f"{p} {d['median']:.0f} ms (n={d['n']})" for p, d in v.items()) for k, v in by_previous.items()))
+    llm = {k: float(np.median([st.get("llm_prefill", np.nan) for st in v])) for k, v in stages.items() if v}
+    report["llm_prefill_ms_median"] = llm
+    print("llm_prefill stage (median): " + ", ".join(f"{k} {v:.0f} ms" for k, v in llm.items())
+          + f"; Triton B/A {llm['triton_B'] / llm['triton_A']:.2f}x, in-process B/A {llm['local_B'] / llm['local_A']:.2f}x")
     m = report["ratios_of_min"]
     verdicts = {
         "triton_over_local": (r["triton_over_local_at_long"] <= 1.3, f"{r['triton_over_local_at_long']:.2f}x median, "

@@ -107,6 +107,41 @@ def test_capacity_never_grows_past_the_context_unless_needed():
     assert c.capacity >= 700 and float(c.buffers[0][:, :, :600].min()) == 1.0
 
 
+def _region_of(array):
+    """The memory map an array's data lies in (None if it is not in one)."""
+    import mmap
+
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    obj = base.obj if isinstance(base, memoryview) else base
+    return obj if isinstance(obj, mmap.mmap) else None
+
+
+def test_growth_returns_the_old_buffers_to_the_system():
+    """Each host buffer is a memory map of its own, unmapped once a growth replaced it (from the C heap, the freed
+    buffers stayed resident in the server's PSS: glibc keeps blocks under its dynamic mmap threshold)."""
+    import gc
+    import weakref
+
+    from segllm_edge.runtime.kv_buffer import BufferKVCache
+
+    c = BufferKVCache(2, 4, 64, max_tokens=2048)
+    c.reserve(200)
+    for i in range(len(c.buffers)):
+        c.buffers[i][:, :, :200] = 2.0
+    c.length = 200
+    regions = [_region_of(b) for b in c.buffers]
+    assert all(r is not None for r in regions), "host KV buffers are not memory maps of their own"
+    gone = [weakref.ref(r) for r in regions]
+    del regions
+    c.reserve(300)
+    gc.collect()
+    assert float(c.buffers[3][:, :, :200].min()) == 2.0 and c.buffers[3].flags.writeable
+    assert all(_region_of(b) is not None for b in c.buffers)
+    assert all(r() is None for r in gone), "a replaced buffer is still mapped"
+
+
 def test_session_round_rollback_and_durable_state(inplace_export, golden_image, golden_rounds):
     """A golden round matches the research code as the concat export's does (tests/test_export.py); a failed
     round leaves the cache as it was; a saved conversation restored (one prefill into fresh buffers) holds the

@@ -12,6 +12,10 @@ allocator a new block for each longer one).
   but not past the model's context unless the round needs it; the valid part is copied once then
   (amortised: a ~1,800-token conversation is copied 3-4 times in all).
 * Rollback (``crop``) only lowers ``length``: the tokens after it are overwritten by the next round.
+* Host buffers are anonymous memory maps of their own (:func:`host_buffer`), so the buffers a growth replaces
+  go back to the system at once. From the C heap, glibc kept them (buffers of up to 32 MiB fall under its
+  dynamic mmap threshold once a block that size was freed): measured over Triton, the BLS's PSS rose by the
+  old buffers (~65 MiB) at a ~500-token conversation's growth and stayed up.
 * ``nbytes`` is what the buffers hold (capacity), the memory the session budget and the memory figures count;
   ``valid_bytes`` the part in use.
 * On a GPU (``device=("cuda", id)``) the buffers are device OrtValues bound with ``bind_ortvalue_input/output``;
@@ -20,6 +24,8 @@ allocator a new block for each longer one).
   provider, and :func:`inplace_cache` keeps its buffers in host memory). Not yet run on a GPU. ``("cpu", 0)`` runs the same code.
 """
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 
@@ -33,6 +39,16 @@ GROWTH = 1.5
 
 def _round_up(n: int, block: int = BLOCK) -> int:
     return -(-int(n) // block) * block
+
+
+def host_buffer(shape, dtype) -> np.ndarray:
+    """An uninitialised host array in an anonymous memory map of its own: unmapped (returned to the system)
+    when the last reference to it goes, whatever the C allocator's thresholds; page-aligned; pages are only
+    resident once written."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    region = mmap.mmap(-1, max(1, count * dtype.itemsize))
+    return np.frombuffer(region, dtype=dtype, count=count).reshape(shape)
 
 
 class BufferKVCache:
@@ -89,7 +105,7 @@ class BufferKVCache:
         if self.device is None:
             new = []
             for old in self.buffers or [None] * (2 * self.layers):
-                b = np.empty(shape, dtype=self.dtype)
+                b = host_buffer(shape, self.dtype)
                 if old is not None and n:
                     b[:, :, :n] = old[:, :, :n]
                 new.append(b)
@@ -187,4 +203,4 @@ def run_llm_inplace(session, embeds: np.ndarray, cache: BufferKVCache, embeds_na
     return np.array(io.get_outputs()[0].numpy(), copy=True)
 
 
-__all__ = ["BLOCK", "BufferKVCache", "MIN_ONNXRUNTIME", "check_onnxruntime_version", "inplace_cache", "run_llm_inplace", "session_kv_device"]
+__all__ = ["BLOCK", "BufferKVCache", "MIN_ONNXRUNTIME", "check_onnxruntime_version", "host_buffer", "inplace_cache", "run_llm_inplace", "session_kv_device"]
