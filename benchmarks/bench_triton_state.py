@@ -11,15 +11,18 @@ One tritonserver on a repository generated from the export, and the same export 
 Triton and two in-process: ``A`` stays short (round 1 + one short round: ~300 tokens), ``B`` is grown to
 ~1,800 tokens by two long questions (filler text, counted with the export's tokenizer). Then ``--reps``
 times, alternating: a short round (no reference) on Triton A, Triton B, local A, local B -- A before B on
-even reps, B before A on odd ones (what ran just before a round changes its cost: a round after a Triton
-round was measured ~40 ms slower than one after an in-process round, so a fixed order biased B/A; the
+even reps, B before A on odd ones (what ran just before a round changes its cost: in four runs, rounds after a
+Triton round were slower than the same rounds after an in-process one in 12 of 16 comparisons, -16 to +64 ms,
+so a fixed order, which put every Triton B round and no Triton A round after a Triton round, biased B/A; the
 medians are also reported split by the side of the previous round). Per round, the
 cost outside the mask decoder: Triton = client round trip - the server's ``mask_decoder`` call; local =
 the round's wall time - its ``mask_decoder`` stage. Ratios: Triton/local at ~1,800 tokens (target
 <= 1.3), Triton 1,800/300 (target <= 1.1). Memory: PSS summed over tritonserver and its stubs (and per
 process), at ready and after the rounds (two live conversations), against the export's bytes on disk +
 the conversations' state (as the in-process sessions report it for the same conversations; target
-PSS <= 1.2 x export + state), and after every rep (the figure must not creep with rounds). Rounds are noisy on
+PSS <= 1.2 x export + state), after every rep (it grows by what the rounds add to the conversations' state:
+their new tokens' KV, each round's masks and crop), and once both are closed (back near the ready figure: nothing
+kept of a closed conversation). Rounds are noisy on
 a shared machine: median and min of >= 7 reps, and a verdict line per target. Saved as JSON under
 benchmarks/results/.
 """
@@ -221,6 +224,9 @@ def main(argv=None) -> int:
         for key in [k for k in conv if k[0] == "triton"]:
             conv.pop(key).close()
         client.close()
+        time.sleep(2.0)
+        report["memory_closed"] = server.memory()     # what the conversations held goes back (no leak)
+        report["processes_closed"] = server.process_memory()
         report["server_log_errors"] = server.errors()[:5]
     finally:
         server.stop()
@@ -266,6 +272,9 @@ def main(argv=None) -> int:
           f"conversations ({total_state / 2**20:.0f} MiB of state); export {report['export_bytes'] / 2**30:.2f} GiB: "
           f"{report['pss_over_export']:.2f}x (target <= 1.2x + state: {report['pss_within_target']})")
     print("after, per process: " + _per_process(report["processes_after"]))
+    closed = report["memory_closed"]["pss"]
+    print(f"server PSS after closing both conversations: {closed / 2**30:.2f} GiB ({(closed - report['memory_ready']['pss']) / 2**20:+.0f} MiB "
+          f"vs ready; per process: {_per_process(report['processes_closed'])})")
     if per_rep:
         first, last = ({p["model"]: p["pss"] for p in report["processes_per_rep"][i]} for i in (0, -1))
         print(f"server PSS after rep 1: {per_rep[0] / 2**30:.2f} GiB, after rep {len(per_rep)}: "
