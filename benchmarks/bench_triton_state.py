@@ -100,6 +100,8 @@ def main(argv=None) -> int:
                          "alternating; 300/1,800 on each side still is)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
+    if args.reps < 2 or args.reps % 2:
+        ap.error("--reps must be even (A and B go first equally often)")
 
     import segllm_edge
     from segllm_edge.client import connect
@@ -131,10 +133,13 @@ def main(argv=None) -> int:
     stages: dict[str, list] = {k: [] for k in rounds}
     local = None
 
+    last_round = [""]       # the key of the round that ran last (growth rounds included)
+
     def ask(key, q):
         t = time.perf_counter()
         r = conv[key].ask(q)
         wall = (time.perf_counter() - t) * 1e3
+        last_round[0] = f"{key[0]}_{key[1]}"
         if key[0] == "local":
             context[key[1]] = r.context_tokens
             return wall - r.timings.get("mask_decoder", 0.0), r
@@ -169,19 +174,18 @@ def main(argv=None) -> int:
               flush=True)
 
     previous: dict[str, list] = {k: [] for k in rounds}
-    last = [""]
 
     def measure(which):
         for rep in range(args.reps):
-            # the order of A and B flips every rep, so that each is preceded as often by the other side's round
-            # as by its own side's (what ran just before a round changes its cost: see "by_previous")
+            # the order of A and B flips every rep, so that each follows a Triton round and an in-process round
+            # equally often (what ran just before a round changes its cost: see "by_previous")
             order = "AB" if rep % 2 == 0 else "BA"
             for key in [(side, c) for side in which for c in order]:
+                before = last_round[0]
                 ms, r = ask(key, SHORT)
                 rounds[f"{key[0]}_{key[1]}"].append(ms)
                 stages[f"{key[0]}_{key[1]}"].append({k: v for k, v in r.timings.items() if not isinstance(v, str)})
-                previous[f"{key[0]}_{key[1]}"].append(last[0])
-                last[0] = f"{key[0]}_{key[1]}"
+                previous[f"{key[0]}_{key[1]}"].append(before)
             pss = ""
             if "triton" in which:
                 report.setdefault("pss_per_rep", []).append(server.memory()["pss"])
@@ -276,10 +280,10 @@ def main(argv=None) -> int:
     print(f"server PSS after closing both conversations: {closed / 2**30:.2f} GiB ({(closed - report['memory_ready']['pss']) / 2**20:+.0f} MiB "
           f"vs ready; per process: {_per_process(report['processes_closed'])})")
     if per_rep:
-        first, last = ({p["model"]: p["pss"] for p in report["processes_per_rep"][i]} for i in (0, -1))
+        at_first, at_last = ({p["model"]: p["pss"] for p in report["processes_per_rep"][i]} for i in (0, -1))
         print(f"server PSS after rep 1: {per_rep[0] / 2**30:.2f} GiB, after rep {len(per_rep)}: "
               f"{per_rep[-1] / 2**30:.2f} GiB (creep {report['pss_creep_bytes'] / 2**20:+.0f} MiB; per process: "
-              + ", ".join(f"{m} {(b - first.get(m, 0)) / 2**20:+.0f}" for m, b in last.items()) + ")")
+              + ", ".join(f"{m} {(b - at_first.get(m, 0)) / 2**20:+.0f}" for m, b in at_last.items()) + ")")
     print("median by the side of the round just before: " + "; ".join(
         f"{k} " + ", ".join(f"{p} {d['median']:.0f} ms (n={d['n']})" for p, d in v.items()) for k, v in by_previous.items()))
     llm = {k: float(np.median([st.get("llm_prefill", np.nan) for st in v])) for k, v in stages.items() if v}

@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     from segllm_edge.contracts import ort as ortc
     from segllm_edge.contracts.export_folder import open_export
     from segllm_edge.contracts.manifest import KV_INPLACE, kv_names
+    from segllm_edge.contracts.precisions import numpy_dtype
     from segllm_edge.runtime.kv_buffer import inplace_cache, run_llm_inplace
 
     export = open_export(args.export)
@@ -73,8 +74,12 @@ def main(argv=None) -> int:
     opts.enable_profiling = True
     opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="llm-profile-")) / "llm")
     sess = ortc.open_session(export.graph_path("llm"), opts, ["CPUExecutionProvider"], "llm")
+    if args.long + args.new > info.max_context:
+        raise SystemExit(f"--long {args.long} + --new {args.new} is past the model's context ({info.max_context})")
+    spec = export.manifest.graphs["llm"]
+    dtype = np.dtype(numpy_dtype(spec.input(past[0]).dtype))             # the cache's (fp16 after quantize_export)
+    emb_dtype = np.dtype(numpy_dtype(spec.input("inputs_embeds").dtype))  # the embeddings' (fp32 in an fp16 export)
     rng = np.random.default_rng(0)
-    dtype = np.dtype(info.dtype)
     caches = {}
     for label, n in (("short", args.short), ("long", args.long)):
         c = inplace_cache(info, dtype)
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
             b[:, :, :n] = rng.standard_normal((1, info.num_kv_heads, n, info.head_dim)).astype(dtype)
         c.length = n
         caches[label] = c
-    emb = rng.standard_normal((1, args.new, info.hidden_size)).astype(dtype)
+    emb = rng.standard_normal((1, args.new, info.hidden_size)).astype(emb_dtype)
     labels, wall = [], collections.defaultdict(list)
     for rep in range(args.reps):
         for label in (("short", "long") if rep % 2 == 0 else ("long", "short")):
@@ -99,7 +104,7 @@ def main(argv=None) -> int:
     med = {lab: {op: float(np.median(v)) for op, v in ops.items()} for lab, ops in per.items()}
     ops = sorted(set(med["short"]) | set(med["long"]), key=lambda o: -med["long"].get(o, 0.0))
     print(f"median ms per {args.new}-token round over {args.reps} reps, context {args.short} vs {args.long} tokens "
-          f"({info.hidden_size} wide, {info.num_layers} layers, {dtype.name}):")
+          f"({info.hidden_size} wide, {info.num_layers} layers, {dtype.name} cache):")
     for op in ops:
         s, lg = med["short"].get(op, 0.0), med["long"].get(op, 0.0)
         if max(s, lg) >= 0.05:
@@ -109,7 +114,8 @@ def main(argv=None) -> int:
           f"({w['long'] / w['short']:.3f}x)")
     report = {"benchmark": "llm_context_profile", "export": str(args.export), "reps": args.reps, "new_tokens": args.new,
               "context": {"short": args.short, "long": args.long}, "op_ms_median": med, "wall_ms": dict(wall),
-              "model": {"hidden": info.hidden_size, "layers": info.num_layers, "dtype": dtype.name}}
+              "threads": args.threads,
+              "model": {"hidden": info.hidden_size, "layers": info.num_layers, "kv_dtype": dtype.name}}
     print(f"saved {save_result(report, args.out, f'llm_context_profile_h{info.hidden_size}x{info.num_layers}')}")
     return 0
 

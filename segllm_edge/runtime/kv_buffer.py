@@ -42,12 +42,19 @@ def _round_up(n: int, block: int = BLOCK) -> int:
 
 
 def host_buffer(shape, dtype) -> np.ndarray:
-    """An uninitialised host array in an anonymous memory map of its own: unmapped (returned to the system)
+    """A zero-filled host array in a private anonymous memory map of its own: unmapped (returned to the system)
     when the last reference to it goes, whatever the C allocator's thresholds; page-aligned; pages are only
-    resident once written."""
+    resident once written. Private (not shared with a forked child), and advised for transparent huge pages
+    as numpy advises its own large arrays."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape))
-    region = mmap.mmap(-1, max(1, count * dtype.itemsize))
+    flags = getattr(mmap, "MAP_PRIVATE", None)
+    region = mmap.mmap(-1, max(1, count * dtype.itemsize), **({} if flags is None else {"flags": flags}))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:   # a kernel without transparent huge pages
+            pass
     return np.frombuffer(region, dtype=dtype, count=count).reshape(shape)
 
 
