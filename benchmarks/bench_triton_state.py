@@ -11,8 +11,8 @@ One tritonserver on a repository generated from the export, and the same export 
 Triton and two in-process: ``A`` stays short (round 1 + one short round: ~300 tokens), ``B`` is grown to
 ~1,800 tokens by two long questions (filler text, counted with the export's tokenizer). Then ``--reps``
 times, alternating: a short round (no reference) on Triton A, Triton B, local A, local B -- A before B on
-even reps, B before A on odd ones (what ran just before a round changes its cost: in four runs, rounds after a
-Triton round were slower than the same rounds after an in-process one in 12 of 16 comparisons, -16 to +64 ms,
+even reps, B before A on odd ones (what ran just before a round changes its cost: in five runs, rounds after a
+Triton round were slower than the same rounds after an in-process one in 15 of 20 comparisons, -16 to +90 ms,
 so a fixed order, which put every Triton B round and no Triton A round after a Triton round, biased B/A; the
 medians are also reported split by the side of the previous round). Per round, the
 cost outside the mask decoder: Triton = client round trip - the server's ``mask_decoder`` call; local =
