@@ -26,11 +26,11 @@ import numpy as np  # noqa: E402
 
 
 def _pss_mib() -> float:
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """This process's PSS in MiB (NaN where /proc has no smaps_rollup)."""
+    from segllm_edge.process_memory import kib_field
+
+    pss = kib_field("/proc/self/smaps_rollup", "Pss")
+    return float("nan") if pss is None else pss / 2**20
 
 
 def main(argv=None) -> int:
