@@ -75,3 +75,11 @@ class SessionStateError(SessionError):
 
 
 __all__.append("SessionStateError")
+
+
+class ServerBusyError(SessionError):
+    """The server has no room for this round right now (its round queues are full, or it is shutting down):
+    nothing was run and nothing changed; retry in a moment."""
+
+
+__all__.append("ServerBusyError")

@@ -69,6 +69,7 @@ def repo(export_dir, tmp_path_factory):
     can reach nothing of where it was written."""
     from segllm_edge.serving.model_config import place_tree
     from segllm_edge.serving.repository import generate_repository, write_bls_model
+    from segllm_edge.serving.round_scheduler import scheduler_parameters
 
     work = tmp_path_factory.mktemp("portable")
     place_tree(export_dir, work / "export")                    # hard links: no copy of the graphs on disk
@@ -76,6 +77,9 @@ def repo(export_dir, tmp_path_factory):
                               max_conversations=N_CONCURRENT, idle_timeout_s=600)
     # a variant with a short idle timeout and room for one conversation (same graph models, same export)
     write_bls_model(out, name="segllm_short", max_conversations=1, idle_timeout_s=IDLE_S)
+    # ... and one that runs one round at a time with room for one more waiting (the overload test)
+    write_bls_model(out, name="segllm_one", max_conversations=4,
+                    extra_parameters=scheduler_parameters(max_concurrent_rounds=1, max_queued_rounds=1))
     (work / "export").rename(work / "export-gone")
     moved = work / "elsewhere" / "models"
     moved.parent.mkdir()
@@ -277,8 +281,12 @@ def test_concurrent_conversations_match_run_alone(client, images, reference, kep
     for i, (img, qs) in enumerate(plans):
         for got, want in zip(results[i], reference(images[img], qs)):
             _same(got, want)
-    print(f"\n{N_CONCURRENT} interleaved conversations ({sum(len(q) for _, q in plans)} rounds) in {wall:.1f} s")
+    busy = sum(r.serving["bls_total"] for rs in results.values() for r in rs) / 1e3
+    print(f"\n{N_CONCURRENT} interleaved conversations ({sum(len(q) for _, q in plans)} rounds) in {wall:.1f} s; "
+          f"the rounds spent {busy:.1f} s in the segllm model")
     assert not np.array_equal(results[0][0].mask, results[1][0].mask)   # the two images really differ
+    # the rounds ran at the same time: one after another, their time inside the model could not pass the wall time
+    assert busy > 1.5 * wall, (busy, wall)
 
 
 def test_corrupt_image_is_a_clear_error_and_server_keeps_serving(client, server):
@@ -362,6 +370,44 @@ def test_remote_session_is_thread_safe(client, images, reference):
     assert not errors, errors
     assert sorted(r.round for r in got) == [1, 2]
     _same(min(got, key=lambda r: r.round), reference(images["golden"], GOLDEN_QUESTIONS)[0])
+
+
+def test_overload_is_refused_at_once_and_holds_nothing(server, images, reference):
+    """segllm_one runs one round at a time and lets one wait: a third round while both are taken is told 'busy'
+    at once (not queued), the other two answer as run alone, and the refused conversation starts afterwards."""
+    import segllm_edge.client as sc
+    from segllm_edge.errors import ServerBusyError
+
+    c = sc.connect(server.grpc_url, model="segllm_one", retry=False)
+    sessions = [c.session(images["golden"]) for _ in range(3)]
+    got, errors, took = {}, {}, {}
+
+    def ask(i):
+        t0 = time.monotonic()
+        try:
+            got[i] = sessions[i].ask(GOLDEN_QUESTIONS[0])
+        except Exception as e:  # noqa: BLE001 - checked below
+            errors[i] = e
+        took[i] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    threads[0].start()
+    time.sleep(1.0)              # round 1 of the first is running (a round takes seconds here) ...
+    threads[1].start()
+    time.sleep(0.5)              # ... the second waits for the one slot ...
+    threads[2].start()           # ... and the third finds the queue full
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(got) == [0, 1] and sorted(errors) == [2], (got, errors)
+    assert isinstance(errors[2], ServerBusyError) and "server busy" in str(errors[2]), errors[2]
+    assert took[2] < min(took[0], took[1]), took          # answered before either round it waited behind
+    want = reference(images["golden"], GOLDEN_QUESTIONS[:1])[0]
+    for r in got.values():
+        _same(r, want)
+    _same(sessions[2].ask(GOLDEN_QUESTIONS[0]), want)    # refused: nothing held, it starts now
+    for s in sessions:
+        s.close()
+    c.close()
 
 
 def test_cap_and_idle_timeout(server, images):
@@ -488,6 +534,27 @@ def test_conversation_store_cap_expiry_and_errors():
     with pytest.raises(SessionError, match="lost this conversation"):
         store.get(t1)
     store.open(dict)                                        # expired ones freed the cap
+
+
+def test_a_conversation_with_a_round_running_never_expires():
+    """Rounds run beside each other: one conversation's long round must not let another's expiry sweep drop it."""
+    from segllm_edge.serving.bls import ConversationStore
+
+    now = [0.0]
+    store = ConversationStore(None, idle_timeout_s=10, max_live=4, clock=lambda: now[0])
+    busy, _ = store.open(dict)
+    idle, _ = store.open(dict)
+    store.hold(busy)                                        # its round starts ...
+    now[0] = 30.0                                           # ... and outlasts the idle timeout
+    store.expire()
+    assert busy in store and idle not in store
+    store.release(busy)                                     # the idle clock restarts at the round's end
+    now[0] = 35.0
+    store.expire()
+    assert busy in store
+    now[0] = 41.0
+    store.expire()
+    assert busy not in store
 
 
 def test_client_maps_server_errors():

@@ -79,6 +79,13 @@ PARAM_STATE_DIR = "segllm_state_dir"              # BLS: durable conversations i
 PARAM_REDIS_URL = "segllm_redis_url"              # BLS: ... or in this Redis (optional; replicas share it)
 PARAM_STATE_MAX_BYTES = "segllm_state_max_bytes"  # BLS: stored bytes per conversation (optional)
 PARAM_STATE_MAX_TOTAL_BYTES = "segllm_state_max_total_bytes"  # BLS: stored bytes in total (optional)
+PARAM_MAX_CONCURRENT_ROUNDS = "segllm_max_concurrent_rounds"   # BLS: rounds (of different conversations) at once
+PARAM_MAX_QUEUED_ROUNDS = "segllm_max_queued_rounds"           # BLS: rounds waiting for a slot, all conversations
+PARAM_MAX_PENDING_PER_CONVERSATION = "segllm_max_pending_per_conversation"  # BLS: one conversation's running + waiting
+#: their defaults: 4 rounds at once; one conversation may send its next round while one runs; at most
+#: 2 x max_conversations waiting (a queued round waits for at most ~that many rounds / 4 before it starts)
+DEFAULT_MAX_CONCURRENT_ROUNDS = 4
+DEFAULT_MAX_PENDING_PER_CONVERSATION = 2
 PARAM_AXES = "segllm_input_axes"          # graph models: JSON {input: [dim or axis name, ...]} (the manifest's)
 PARAM_AXIS_LIMITS = "segllm_axis_limits"  # graph models: JSON {axis: max} (segllm_edge.limits.graph_axis_limits)
 PARAM_GRAPH_FILE = "segllm_graph_file"            # graph models: the .onnx file

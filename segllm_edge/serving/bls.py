@@ -86,8 +86,32 @@ class TritonBlsBackend:
         g = self.manifest.graphs
         self._io = {n: ([t.name for t in s.inputs], [t.name for t in s.outputs], {t.name: numpy_dtype(t.dtype) for t in s.inputs})
                     for n, s in g.items()}
-        self.call_ms: dict[str, float] = {}    # time spent waiting on model calls
-        self.local_ms: dict[str, float] = {}   # time spent running BLS_GRAPHS here (BLS overhead = the rest)
+        self._timers = threading.local()       # per round: rounds of different conversations run at once
+
+    # -- per-round timers (thread-local: each round runs on one worker thread) -------------------
+    @property
+    def call_ms(self) -> dict[str, float]:
+        """ms this thread's round spent waiting on model calls, by model."""
+        return self._timer("call")
+
+    @property
+    def local_ms(self) -> dict[str, float]:
+        """ms this thread's round spent running BLS_GRAPHS here (BLS overhead = the rest), by graph."""
+        return self._timer("local")
+
+    def _timer(self, kind: str) -> dict[str, float]:
+        d = getattr(self._timers, kind, None)
+        if d is None:
+            d = {}
+            setattr(self._timers, kind, d)
+        return d
+
+    def reset_timers(self) -> None:
+        self._timers.call, self._timers.local = {}, {}
+
+    def _add_ms(self, kind: str, graph: str, t0: float) -> None:
+        d = self._timer(kind)
+        d[graph] = d.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
 
     # -- helpers -------------------------------------------------------------------------------
     def _run(self, graph: str, feeds: dict[str, np.ndarray], run_options=None) -> list[np.ndarray]:
@@ -96,10 +120,10 @@ class TritonBlsBackend:
         t0 = time.perf_counter()
         if graph in self.local:
             got = self.local.run(graph, feeds, outs, run_options)
-            self.local_ms[graph] = self.local_ms.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
+            self._add_ms("local", graph, t0)
             return got
         got = self.call(graph, feeds, outs)
-        self.call_ms[graph] = self.call_ms.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
+        self._add_ms("call", graph, t0)
         return [got[o] for o in outs]
 
     # -- Backend protocol ----------------------------------------------------------------------
@@ -132,13 +156,13 @@ class TritonBlsBackend:
             t0 = time.perf_counter()
             hidden = self.local.llm_inplace(np.asarray(embeds, dtype=self._io["llm"][2][self._io["llm"][0][0]]), cache,
                                             self._io["llm"][0][0], self._past, self._io["llm"][1][0], self._present)
-            self.local_ms["llm"] = self.local_ms.get("llm", 0.0) + (time.perf_counter() - t0) * 1e3
+            self._add_ms("local", "llm", t0)
             return hidden
         if getattr(self.local, "bind_kv", False):
             ins, outs, dts = self._io["llm"]
             t0 = time.perf_counter()
             hidden = self.local.llm_bound(np.ascontiguousarray(embeds, dtype=dts[ins[0]]), cache, ins, outs)
-            self.local_ms["llm"] = self.local_ms.get("llm", 0.0) + (time.perf_counter() - t0) * 1e3
+            self._add_ms("local", "llm", t0)
             return hidden
         emb_name = self._io["llm"][0][0]
         feeds = {emb_name: embeds}
@@ -201,6 +225,7 @@ class ConversationStore:
         self.max_live = max_live
         self.clock = clock
         self._states: dict[str, tuple[float, object]] = {}
+        self._in_use: dict[str, int] = {}      # tokens with a round running: never expired under it
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -214,7 +239,7 @@ class ConversationStore:
             return
         limit = self.clock() - self.idle_timeout_s
         with self._lock:
-            old = [c for c, (t, _) in self._states.items() if t < limit]
+            old = [c for c, (t, _) in self._states.items() if t < limit and c not in self._in_use]
             dropped = [self._states.pop(c)[1] for c in old]
         for st in dropped:
             _close(st)
@@ -249,6 +274,20 @@ class ConversationStore:
                                f"{idle}, the server restarted, or the request's conversation token is wrong "
                                "-- the server lost this conversation; start a new session")
         return entry[1]
+
+    def hold(self, token) -> None:
+        """A round of ``token`` starts: it cannot expire until :meth:`release`."""
+        with self._lock:
+            self._in_use[token] = self._in_use.get(token, 0) + 1
+
+    def release(self, token) -> None:
+        """The round of ``token`` ended: its idle clock restarts now."""
+        with self._lock:
+            n = self._in_use.pop(token, 0) - 1
+            if n > 0:
+                self._in_use[token] = n
+            if token in self._states:
+                self._states[token] = (self.clock(), self._states[token][1])
 
     def touch(self, token) -> None:
         """Restart the idle clock (at the end of a round: a round can take longer than the idle time)."""
@@ -313,6 +352,14 @@ class ConversationService:
         return self._backend
 
     @staticmethod
+    def schedule_key(inputs: dict) -> str | None:
+        """The queue of a request's round: its conversation's token (a START has none yet: None)."""
+        if _flag(inputs.get(IN_START)):
+            return None
+        token = _scalar_bytes(inputs.get(IN_CONVERSATION))
+        return token.decode("ascii", "replace") if token else None
+
+    @staticmethod
     def _question(inputs: dict) -> str | None:
         from ..limits import MAX_QUESTION_BYTES
 
@@ -338,9 +385,8 @@ class ConversationService:
     def handle(self, inputs: dict, ctx: RequestContext | None = None) -> dict:
         t_start = time.perf_counter()
         backend = self.backend
-        backend.call_ms, backend.local_ms = {}, {}
-        if self.durable is not None:
-            self.durable.last_write = {}
+        backend.reset_timers()
+        written: dict = {}                       # the durable save's bytes and ms
         start, end = _flag(inputs.get(IN_START)), _flag(inputs.get(IN_END))
         token_b = _scalar_bytes(inputs.get(IN_CONVERSATION))
         token = token_b.decode("ascii", "replace") if token_b else None
@@ -358,7 +404,7 @@ class ConversationService:
             try:
                 result = session.ask(question, refs)
                 if self.durable is not None:
-                    self.durable.save(token, session, expect=None)   # durable before the answer leaves
+                    written = self.durable.save(token, session, expect=None)   # durable before the answer leaves
             except BaseException:
                 self.store.drop(token)           # a failed first round holds nothing
                 raise
@@ -375,14 +421,16 @@ class ConversationService:
                                    "open a new session for a new image")
             if question is None:
                 raise QuestionError("the request has no question")
-            session = self._session(token)       # after the cheap checks: a restore encodes the image
             asked = round_number(inputs)
+            self.store.expire()                  # idled out before this round arrived: gone (SessionError below)
+            self.store.hold(token)               # running: its idle clock stops (a round may outlast it)
             try:
+                session = self._session(token)   # after the cheap checks: a restore encodes the image
                 result = replay(session, asked, question, refs) if asked is not None else None
                 if result is None:
-                    result = self._round(token, session, question, refs)
+                    result, written = self._round(token, session, question, refs)
             finally:
-                self.store.touch(token)
+                self.store.release(token)
         want_logits = _flag(inputs.get(IN_WANT_MASK_LOGITS))
         if want_logits:
             check_logits_held(result)            # before an end drops the conversation
@@ -398,8 +446,7 @@ class ConversationService:
         timings["bls_overhead"] = max(0.0, total - timings["bls_model_calls"] - timings["bls_in_process"])
         timings[TIMINGS_CALLS] = dict(backend.call_ms)
         timings[TIMINGS_IN_PROCESS] = dict(backend.local_ms)
-        if self.durable is not None:
-            timings.update(self.durable.last_write)
+        timings.update(written)
         return round_response(result, token, timings, want_logits=want_logits)
 
     def _budget(self) -> int:
@@ -424,17 +471,19 @@ class ConversationService:
         return self.store.get(token)
 
     def _round(self, token: str, session, question: str, refs):
-        """One round, saved to the state store before it is answered; a failed save undoes the round."""
+        """One round, saved to the state store before it is answered; a failed save undoes the round.
+        Returns the result and the save's bytes and ms."""
         before = snapshot(session)
         n = len(session.rounds)
         result = session.ask(question, refs)
+        written = {}
         if self.durable is not None:
             try:
-                self.durable.save(token, session, expect=n)
+                written = self.durable.save(token, session, expect=n)
             except BaseException:
                 before.restore(session)
                 raise
-        return result
+        return result, written
 
     def _drop(self, token: str) -> None:
         self.store.drop(token)
@@ -579,9 +628,21 @@ class SegLLMBlsModel(PythonModel):
         self.service = ConversationService(lambda: TritonBlsBackend(export_dir, caller, threads=threads), cap, idle,
                                            max_session_bytes=budget, state_store=store)
         self.service.backend  # load tokenizer, manifest and the in-process graphs now: fail at model load
+        from .round_scheduler import scheduler_from_parameters
+
+        # rounds of different conversations at once (execute hands each request to it and returns; see pystub)
+        self.scheduler = scheduler_from_parameters(self.params, cap, name=f"{name}-round")
+
+    def schedule_key(self, inputs: dict, ctx: RequestContext):
+        """A conversation's rounds queue behind each other (its token); a START has a queue of its own."""
+        key = self.service.schedule_key(inputs)
+        return ("conversation", key) if key is not None else self.scheduler.unique_key()
 
     def infer(self, inputs: dict, ctx: RequestContext) -> dict:
         return self.service.handle(inputs, ctx)
+
+    def finalize(self) -> None:
+        self.stop_scheduler()
 
     def error_message(self, exc: BaseException) -> str:
         return bracketed(exc)

@@ -14,13 +14,14 @@
 
 Cost: one LLM + CLIP copy per round-loop model instance (the repository has one ``segllm`` instance,
 which holds every conversation; a variant BLS model -- e.g. ``write_bls_model(name="segllm_short")`` --
-holds its own copy). The work these graphs do runs in the BLS process, which Triton runs one request
-at a time -- as it did before, since the BLS waited on each model call anyway.
+holds its own copy). The work these graphs do runs in the BLS process, on the round threads of
+:class:`~segllm_edge.serving.round_scheduler.RoundScheduler`: rounds of different conversations call these
+sessions at the same time (``InferenceSession.run`` is thread-safe; each conversation's KV cache is its own and
+only one of its rounds runs at a time), so nothing here holds per-call state.
 """
 from __future__ import annotations
 
 import os
-import time
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -63,7 +64,6 @@ class BlsGraphs:
         clip, self.shared = open_sessions_sharing_weights({g: export.graph_path(g) for g in CLIP_GRAPHS},
                                                           options, self.providers)
         self.sessions = {**llm, **clip}
-        self.run_ms: dict[str, float] = {}
 
     def __contains__(self, graph: str) -> bool:
         return graph in self.sessions
@@ -80,12 +80,8 @@ class BlsGraphs:
         """The llm on an :class:`OrtValueKVCache` (IOBinding): hidden states back, the cache grown in place."""
         from ..runtime.device_kv_cache import run_llm_bound
 
-        t0 = time.perf_counter()
-        try:
-            return run_llm_bound(self.sessions["llm"], embeds, cache, inputs[0], list(inputs[1:]), outputs[0],
-                                 list(outputs[1:]))
-        finally:
-            self.run_ms["llm"] = self.run_ms.get("llm", 0.0) + (time.perf_counter() - t0) * 1e3
+        return run_llm_bound(self.sessions["llm"], embeds, cache, inputs[0], list(inputs[1:]), outputs[0],
+                             list(outputs[1:]))
 
     def llm_inplace(self, embeds: np.ndarray, cache, embeds_name: str, past: Sequence[str], hidden_name: str,
                     present: Sequence[str]) -> np.ndarray:
@@ -94,21 +90,13 @@ class BlsGraphs:
         from ..runtime.arena import llm_run_options
         from ..runtime.kv_buffer import run_llm_inplace
 
-        t0 = time.perf_counter()
         sess = self.sessions["llm"]
-        try:
-            return run_llm_inplace(sess, embeds, cache, embeds_name, list(past), hidden_name, list(present),
-                                   llm_run_options(sess, np.shape(embeds)[1]))
-        finally:
-            self.run_ms["llm"] = self.run_ms.get("llm", 0.0) + (time.perf_counter() - t0) * 1e3
+        return run_llm_inplace(sess, embeds, cache, embeds_name, list(past), hidden_name, list(present),
+                               llm_run_options(sess, np.shape(embeds)[1]))
 
     def run(self, graph: str, feeds: Mapping[str, np.ndarray], outputs: Sequence[str],
             run_options=None) -> list[np.ndarray]:
-        t0 = time.perf_counter()
-        try:
-            return self.sessions[graph].run(list(outputs), dict(feeds), run_options)
-        finally:
-            self.run_ms[graph] = self.run_ms.get(graph, 0.0) + (time.perf_counter() - t0) * 1e3
+        return self.sessions[graph].run(list(outputs), dict(feeds), run_options)
 
 
 __all__ = ["BlsGraphs", "CLIP_GRAPHS", "bls_providers"]

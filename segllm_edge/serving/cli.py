@@ -36,6 +36,35 @@ def _state_options(fn):
     return fn
 
 
+def _round_options(fn):
+    """--max-concurrent-rounds / --max-queued-rounds / --max-pending-per-conversation (serving.round_scheduler)."""
+    opts = [
+        click.option("--max-concurrent-rounds", type=click.IntRange(min=1), default=None,
+                     help="rounds of different conversations the segllm model runs at once (default 4; a "
+                          "conversation's own rounds always run one after another, in order)"),
+        click.option("--max-queued-rounds", type=click.IntRange(min=1), default=None,
+                     help="rounds that may wait for a free slot, all conversations together (default 2 x "
+                          "--max-conversations); one more is answered 'server busy, retry' at once"),
+        click.option("--max-pending-per-conversation", type=click.IntRange(min=1), default=None,
+                     help="rounds of one conversation running or waiting (default 2: it may send its next round "
+                          "while one runs); one more is answered 'server busy' at once"),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _round_parameters(repo, max_concurrent_rounds, max_queued_rounds, max_pending_per_conversation) -> dict:
+    from ..errors import ConfigError
+    from .round_scheduler import scheduler_parameters
+
+    params = scheduler_parameters(max_concurrent_rounds, max_queued_rounds, max_pending_per_conversation)
+    if params and repo is not None:
+        raise ConfigError("--max-concurrent-rounds/--max-queued-rounds/--max-pending-per-conversation configure a "
+                          "generated repository; for --repo write it with `segllm-edge triton-repo` and those options")
+    return params
+
+
 @click.command("triton-repo")
 @click.option("--export", "export_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="export folder (from `segllm-edge export`)")
@@ -51,14 +80,17 @@ def _state_options(fn):
                    "the segllm BLS, which runs the llm and CLIP itself, has one")
 @click.option("--force", is_flag=True, help="overwrite a non-empty repository folder")
 @_state_options
+@_round_options
 def triton_repo_command(export_dir, out, target, max_conversations, idle_timeout, instances, force, state_dir,
-                        redis_url, state_max_bytes, state_max_total_bytes):
+                        redis_url, state_max_bytes, state_max_total_bytes, max_concurrent_rounds, max_queued_rounds,
+                        max_pending_per_conversation):
     """Write a Triton model repository for EXPORT (models, encode_image ensemble, segllm BLS)."""
     from .repository import describe_repository, generate_repository
     from .state_store import store_parameters
 
     try:
-        bls = store_parameters(state_dir, redis_url, state_max_bytes, state_max_total_bytes)
+        bls = {**store_parameters(state_dir, redis_url, state_max_bytes, state_max_total_bytes),
+               **_round_parameters(None, max_concurrent_rounds, max_queued_rounds, max_pending_per_conversation)}
         repo = generate_repository(export_dir, out, target=target, max_conversations=max_conversations,
                                    idle_timeout_s=idle_timeout, instance_count=instances, force=force,
                                    bls_parameters=bls)
@@ -141,9 +173,10 @@ def _check_store(repo, state_dir, redis_url, idle_timeout, max_bytes, max_total)
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="tritonserver log file (default: a temp file)")
 @_state_options
+@_round_options
 def serve_command(export_dir, repo, http_port, grpc_port, metrics_port, address, max_conversations, idle_timeout,
                   api_key, admin_key, tls_cert, tls_key, log_path, state_dir, redis_url, state_max_bytes,
-                  state_max_total_bytes):
+                  state_max_total_bytes, max_concurrent_rounds, max_queued_rounds, max_pending_per_conversation):
     """Serve EXPORT with Triton Inference Server until Ctrl-C / SIGTERM (tritonserver and its stubs die with it)."""
     from .security import Exposure
     from .tritonserver import TritonServer, TritonServerError, port_in_use
@@ -155,7 +188,9 @@ def serve_command(export_dir, repo, http_port, grpc_port, metrics_port, address,
                                     "server running?); stop it or pass other --http-port/--grpc-port/--metrics-port")
         extra = Exposure(api_key=api_key, admin_key=admin_key, tls_cert=tls_cert, tls_key=tls_key).tritonserver_args()
         store = _check_store(repo, state_dir, redis_url, idle_timeout, state_max_bytes, state_max_total_bytes)
-        repo = repo or _cached_repo(export_dir, max_conversations, idle_timeout, store, f"{address}:{grpc_port}")
+        rounds = _round_parameters(repo, max_concurrent_rounds, max_queued_rounds, max_pending_per_conversation)
+        repo = repo or _cached_repo(export_dir, max_conversations, idle_timeout, {**store, **rounds},
+                                    f"{address}:{grpc_port}")
         if redis_url:
             from .state_store import ENV_REDIS_URL
 

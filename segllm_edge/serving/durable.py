@@ -26,14 +26,14 @@ from .state_store import StateStore, state_key
 class DurableConversations:
     def __init__(self, store: StateStore):
         self.store = store
-        self.last_write: dict = {}        # bytes and ms of the latest save (reported in the round's timings)
 
-    def save(self, token: str, session, expect: int | None) -> None:
+    def save(self, token: str, session, expect: int | None) -> dict:
+        """Save; returns the bytes and ms of the write (reported in the round's timings)."""
         t0 = time.perf_counter()
         blob = save_session(session)
         t1 = time.perf_counter()
         self.store.put(state_key(token), blob, expect=expect)
-        self.last_write = {"state_bytes": len(blob), "state_save_ms": (t1 - t0) * 1e3,
+        return {"state_bytes": len(blob), "state_save_ms": (t1 - t0) * 1e3,
                            "state_write_ms": (time.perf_counter() - t1) * 1e3}
 
     def load(self, token: str, backend, make_session):

@@ -388,20 +388,53 @@ class PythonModel:
             pass
         return inputs, ctx
 
-    def execute(self, requests):
-        import triton_python_backend_utils as pb_utils
+    #: a :class:`~segllm_edge.serving.round_scheduler.RoundScheduler` (set in ``initialize``) makes ``execute``
+    #: hand each request to it and return at once: the jobs answer through the requests' response senders
+    #: (Triton's non-decoupled response sender, python backend >= 24.07), so the one model instance takes the
+    #: next requests while earlier ones still run. None: ``execute`` answers its requests one after another.
+    scheduler = None
 
-        responses = []
+    def schedule_key(self, inputs: dict, ctx: RequestContext):
+        """The queue a request joins (requests of one key run in order); default: a queue of its own."""
+        return self.scheduler.unique_key()
+
+    def execute(self, requests):
+        if self.scheduler is None:
+            return [self.respond(request) for request in requests]
         for request in requests:
             try:
                 inputs, ctx = self.context_of(request)
-                outputs = self.infer(inputs, ctx)
-                tensors = [pb_utils.Tensor(name, self._as_output(name, value)) for name, value in outputs.items()]
-                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            except Exception as e:  # one bad request must not fail the batch or kill the stub
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(self.error_message(e))))
-        return responses
+                self.scheduler.submit(self.schedule_key(inputs, ctx), _Answer(self, request, inputs, ctx))
+            except Exception as e:  # refused before it ran (busy, bad control inputs): answered now
+                send_final(request, self.error_response(e))
+        return None
+
+    def respond(self, request, inputs: dict | None = None, ctx: RequestContext | None = None):
+        """The response to one request (an error response when anything fails: one bad request must not fail
+        the others or kill the stub)."""
+        try:
+            if inputs is None:
+                inputs, ctx = self.context_of(request)
+            return self.response(self.infer(inputs, ctx))
+        except Exception as e:
+            return self.error_response(e)
+
+    def response(self, outputs: dict):
+        import triton_python_backend_utils as pb_utils
+
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, self._as_output(name, value))
+                                                          for name, value in outputs.items()])
+
+    def error_response(self, exc: BaseException):
+        import triton_python_backend_utils as pb_utils
+
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(self.error_message(exc)))
+
+    def stop_scheduler(self, timeout: float = 30.0) -> None:
+        """(``finalize``) Refuse the rounds still waiting -- each gets a "shutting down, retry" error -- and let the
+        running ones finish (at most ``timeout`` s)."""
+        if self.scheduler is not None:
+            self.scheduler.close(drain=False, timeout=timeout, on_refused=lambda job, exc: job.refuse(exc))
 
     def error_message(self, exc: BaseException) -> str:
         """The text of the Triton error a failed request gets (override to change the format)."""
@@ -416,6 +449,28 @@ class PythonModel:
         if dtype == "TYPE_STRING":
             return np.asarray(value, dtype=np.object_)
         return np.ascontiguousarray(value, dtype=numpy_dtype(dtype))
+
+
+def send_final(request, response) -> None:
+    """Answer ``request`` through its response sender: its one and only response."""
+    import triton_python_backend_utils as pb_utils
+
+    request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+class _Answer:
+    """A scheduled request: run it and answer it (:meth:`PythonModel.respond`), or refuse it unrun."""
+
+    __slots__ = ("model", "request", "inputs", "ctx")
+
+    def __init__(self, model: "PythonModel", request, inputs: dict, ctx: RequestContext):
+        self.model, self.request, self.inputs, self.ctx = model, request, inputs, ctx
+
+    def __call__(self) -> None:
+        send_final(self.request, self.model.respond(self.request, self.inputs, self.ctx))
+
+    def refuse(self, exc: BaseException) -> None:
+        send_final(self.request, self.model.error_response(exc))
 
 
 T = TypeVar("T")

@@ -19,7 +19,9 @@
 * ``preprocess`` (python): encoded image bytes → CLIP pixels, HIPIE input, padded image, sizes;
 * ``encode_image`` (ensemble, stateless): preprocess → mask_backbone (+ the CLIP pixels passed through);
 * ``segllm`` (python BLS, one instance): the round loop, one conversation per server-drawn token; it runs
-  the llm (KV caches in its own memory) and CLIP (held once for both CLIP graphs) itself.
+  the llm (KV caches in its own memory) and CLIP (held once for both CLIP graphs) itself, rounds of
+  different conversations at once on its round threads (:mod:`.round_scheduler`; parameters
+  ``segllm_max_concurrent_rounds``, ``segllm_max_queued_rounds``, ``segllm_max_pending_per_conversation``).
 
 The python graph models check every request against the manifest's shapes with the symbolic
 axes bounded (:func:`segllm_edge.limits.graph_axis_limits`) before onnxruntime runs.
@@ -168,7 +170,10 @@ def write_bls_model(repo: str | os.PathLike, export_param: str | None = None, *,
     ``export_param``: the export folder, relative to the model folder (default: the repository's own,
     :func:`bls_export_param`); an absolute path works but ties the repository to this machine.
     Always ONE instance (it holds the conversations; ``instance_count`` applies to the graph models)
-    and no sequence batcher: conversations are the model's own (see :class:`~.bls.ConversationStore`)."""
+    and no sequence batcher: conversations are the model's own (see :class:`~.bls.ConversationStore`). That
+    instance still runs rounds of different conversations at once: its ``execute`` hands each request to a
+    :class:`~.round_scheduler.RoundScheduler` and returns, each round answering through its request's
+    response sender (bounds: :func:`~.round_scheduler.scheduler_parameters` in ``extra_parameters``)."""
     if idle_timeout_s <= 0:
         raise ValueError("idle_timeout_s must be > 0")
     params = {PARAM_EXPORT_DIR: export_param or bls_export_param(name),

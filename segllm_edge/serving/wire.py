@@ -9,14 +9,14 @@ import io
 import numpy as np
 
 from ..errors import (BackendError, ConfigError, ContextOverflowError, ImageError, LimitError, QuestionError,
-                      RoundReferenceError, SegLLMError, SessionError, SessionStateError)
+                      RoundReferenceError, SegLLMError, ServerBusyError, SessionError, SessionStateError)
 
 #: error class name shown in brackets (``[RoundReferenceError] …``) → the class
 ERROR_CLASSES = {
     "ImageError": ImageError, "QuestionError": QuestionError, "RoundReferenceError": RoundReferenceError,
     "ContextOverflowError": ContextOverflowError, "SessionError": SessionError, "BackendError": BackendError,
     "SegLLMError": SegLLMError, "LimitError": LimitError, "ConfigError": ConfigError,
-    "SessionStateError": SessionStateError,
+    "SessionStateError": SessionStateError, "ServerBusyError": ServerBusyError,
 }
 
 
