@@ -585,6 +585,18 @@ def test_triton_repo_cli(export_dir, tmp_path):
     assert r.exit_code != 0 and "--force" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["triton-repo", "--export", str(tmp_path), "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "manifest" in r.output.lower() and "Traceback" not in r.output
+    # the round bounds land in the segllm model's config, and only what was given
+    from segllm_edge.serving.model_config import read_config
+
+    r = CliRunner().invoke(main, ["triton-repo", "--export", str(export_dir), "--out", str(out), "--force",
+                                  "--max-concurrent-rounds", "3", "--max-pending-per-conversation", "1"])
+    assert r.exit_code == 0, r.output
+    params = {k: v.string_value for k, v in read_config(out / "segllm" / "config.pbtxt").parameters.items()}
+    assert params["segllm_max_concurrent_rounds"] == "3" and params["segllm_max_pending_per_conversation"] == "1"
+    assert "segllm_max_queued_rounds" not in params
+    r = CliRunner().invoke(main, ["triton-repo", "--export", str(export_dir), "--out", str(out), "--force",
+                                  "--max-concurrent-rounds", "0"])
+    assert r.exit_code != 0 and "max-concurrent-rounds" in r.output and "Traceback" not in r.output
 
 
 def test_serve_cli_starts_answers_and_stops(export_dir, images, reference, tmp_path):
