@@ -1,12 +1,13 @@
 # Two commands on a fresh machine:
 #   make demo   installs everything into .venv and runs the demo
-#   make test   runs the test suite (installing first if needed)
+#   make test   runs the test suite (installing first if needed: the venv, and the Debian packages the
+#               tests use -- chromium, chromium-driver, openssl, redis-server -- via tools/system_deps.sh)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install demo test clean
+.PHONY: install system-deps demo test clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +24,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/segllm-edge demo
 
-test: install
+system-deps:
+	bash tools/system_deps.sh
+
+test: install system-deps
 	$(PY) -m pytest -q
 
 clean:

@@ -196,12 +196,12 @@ def test_context_budget_and_unreachable_server_are_page_errors(web_model, golden
 
 # ------------------------------------------------------------------------------------------- browser
 def _chromium():
-    """(chromium, chromedriver) paths, or a skip saying what is missing."""
+    """(chromium, chromedriver) paths, or a failure saying what is missing (`make test` installs them)."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not browser or not driver:
-        pytest.skip("no chromium/chromedriver here: .ci/run installs Debian's chromium and chromium-driver")
+        pytest.fail("no chromium/chromedriver here: run `make system-deps` (Debian's chromium and chromium-driver)")
     return webdriver, browser, driver
 
 
