@@ -304,6 +304,35 @@ def test_unknown_conversation_is_a_session_error(client):
         ghost.ask("Segment the red circle.")
 
 
+def test_refusals_carry_the_status_code_that_says_what_happened(server):
+    """Over gRPC and HTTP, as an outside client sees them: a bad image is INVALID_ARGUMENT / 400, an unknown
+    conversation NOT_FOUND / 404 -- not INTERNAL / 500, which proxies and clients retry -- and the package's client
+    maps the code (refined by the class named in the message) to its error classes."""
+    import tritonclient.grpc as g
+    import tritonclient.http as h
+    from tritonclient.utils import InferenceServerException
+
+    from segllm_edge.client import map_error
+
+    cases = {"bad image": ({"start": np.array([True]), "image": _b(b"\x89PNG not an image"),
+                            "question": _b(b"Segment it.")}, ("StatusCode.INVALID_ARGUMENT", "400"), ImageError),
+             "unknown conversation": ({"conversation": _b(b"never-started-" + b"x" * 20),
+                                       "question": _b(b"Segment it.")}, ("StatusCode.NOT_FOUND", "404"), SessionError)}
+    for what, (arrays, (grpc_status, http_status), cls) in cases.items():
+        for mod, url, want in ((g, server.grpc_url, grpc_status), (h, server.http_url, http_status)):
+            c = mod.InferenceServerClient(url)
+            inputs = []
+            for name, a in arrays.items():
+                t = mod.InferInput(name, list(a.shape), "BYTES" if a.dtype == np.object_ else "BOOL")
+                t.set_data_from_numpy(a)
+                inputs.append(t)
+            with pytest.raises(InferenceServerException) as e:
+                c.infer("segllm", inputs)
+            c.close()
+            assert str(e.value.status()) == want, (what, mod.__name__, e.value.status(), e.value.message())
+            assert isinstance(map_error(e.value), cls), (what, map_error(e.value))
+
+
 def _png(w, h):
     from PIL import Image
 
@@ -526,7 +555,7 @@ def test_conversation_store_cap_expiry_and_errors():
     assert t1 != t2 and len(t1) >= 32                       # drawn by the server, unguessable
     with pytest.raises(SessionError, match="max_conversations=2") as e:
         store.open(dict)
-    assert bracketed(e.value).startswith("[SessionError] server full: it already holds 2 live conversations")
+    assert bracketed(e.value).startswith("[ServerBusyError] server full: it already holds 2 live conversations")
     assert bracketed(RoundReferenceError("round 3 refers to round 5")).startswith("[RoundReferenceError] round 3")
     with pytest.raises(SessionError, match="lost this conversation"):
         store.get(t1[:-1])                                  # a near miss is nothing
@@ -566,6 +595,19 @@ def test_client_maps_server_errors():
     assert isinstance(map_error(InferenceServerException("[RoundReferenceError] round 3 refers to round 5")),
                       RoundReferenceError)
     assert isinstance(map_error(InferenceServerException("[ContextOverflowError] too long")), ContextOverflowError)
+    # by code first: a class named with another code's status is not trusted; busy is UNAVAILABLE, not retried
+    from segllm_edge.errors import BackendError, ServerBusyError
+
+    assert isinstance(map_error(InferenceServerException("[SessionError] gone", status="StatusCode.NOT_FOUND")),
+                      SessionError)
+    busy = map_error(InferenceServerException("[ServerBusyError] server busy", status="StatusCode.UNAVAILABLE"))
+    assert isinstance(busy, ServerBusyError)
+    assert isinstance(map_error(InferenceServerException("[ImageError] odd", status="StatusCode.INTERNAL")),
+                      BackendError)
+    assert isinstance(map_error(InferenceServerException("[ImageError] odd", status="400")), ImageError)
+    from segllm_edge.retry import retryable
+
+    assert not retryable(InferenceServerException("[ServerBusyError] server busy", status="StatusCode.UNAVAILABLE"))
     lost = map_error(InferenceServerException("inference request for sequence 7 to model 'segllm' must specify "
                                               "the START flag on the first request of the sequence"))
     assert isinstance(lost, SessionError) and "lost this conversation" in str(lost)

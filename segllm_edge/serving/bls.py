@@ -41,7 +41,7 @@ from ..contracts.serving import (BLS_GRAPHS, PARAM_THREADS, TIMINGS_IN_PROCESS, 
                                  PARAM_IDLE_TIMEOUT, PARAM_MAX_CONVERSATIONS, PARAM_MAX_SESSION_BYTES, PARAM_REDIS_URL,
                                  PARAM_STATE_DIR, PARAM_STATE_MAX_BYTES, PARAM_STATE_MAX_TOTAL_BYTES, PREPROCESS_MODEL,
                                  TIMINGS_CALLS)
-from ..errors import BackendError, ImageError, QuestionError, RoundReferenceError, SessionError
+from ..errors import BackendError, ImageError, QuestionError, RoundReferenceError, ServerBusyError, SessionError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from ..runtime.arena import llm_run_options
 from ..runtime.kv_cache import HostKVCache
@@ -245,16 +245,16 @@ class ConversationStore:
             _close(st)
 
     def open(self, make) -> tuple[str, object]:
-        """A new conversation from ``make()`` (SessionError "server full" at once when at the cap)."""
+        """A new conversation from ``make()`` (ServerBusyError, a SessionError, "server full" at once at the cap)."""
         self.expire()
         if len(self._states) >= self.max_live:
-            raise SessionError(f"server full: it already holds {len(self._states)} live conversations "
+            raise ServerBusyError(f"server full: it already holds {len(self._states)} live conversations "
                                f"(max_conversations={self.max_live}); close one or retry later")
         state = make()
         token = secrets.token_urlsafe(24)
         with self._lock:
             if len(self._states) >= self.max_live:
-                raise SessionError(f"server full (max_conversations={self.max_live}); retry later")
+                raise ServerBusyError(f"server full (max_conversations={self.max_live}); retry later")
             self._states[token] = (self.clock(), state)
         return token, state
 
@@ -262,7 +262,7 @@ class ConversationStore:
         """Hold a conversation restored from a state store under its own token ("server full" at the cap)."""
         with self._lock:
             if token not in self._states and len(self._states) >= self.max_live:
-                raise SessionError(f"server full (max_conversations={self.max_live}); retry later")
+                raise ServerBusyError(f"server full (max_conversations={self.max_live}); retry later")
             self._states[token] = (self.clock(), state)
 
     def get(self, token):
@@ -462,7 +462,7 @@ class ConversationService:
             raise SessionError("this conversation was closed or has expired; start a new session")
         if self.durable is not None and (not held or stored != len(self.store.get(token).rounds)):
             if not held and len(self.store) >= self.store.max_live:   # before the restore's image encode + prefill
-                raise SessionError(f"server full (max_conversations={self.store.max_live}); retry later")
+                raise ServerBusyError(f"server full (max_conversations={self.store.max_live}); retry later")
             backend = self.backend
             restored = self.durable.load(token, backend, lambda img, reuse: BlsSession(backend, img,
                                                                                        max_bytes=self._budget()))

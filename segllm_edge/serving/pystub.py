@@ -428,7 +428,15 @@ class PythonModel:
     def error_response(self, exc: BaseException):
         import triton_python_backend_utils as pb_utils
 
-        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(self.error_message(exc)))
+        return pb_utils.InferenceResponse(output_tensors=[], error=triton_error(pb_utils, self.error_message(exc),
+                                                                              self.error_code(exc)))
+
+    def error_code(self, exc: BaseException) -> str:
+        """The Triton error code (``INVALID_ARG``, ``NOT_FOUND``, ``UNAVAILABLE``, ``INTERNAL``) a failed request
+        gets: gRPC INVALID_ARGUMENT / HTTP 400, NOT_FOUND / 404, UNAVAILABLE / 503, INTERNAL / 500."""
+        from .wire import error_code
+
+        return error_code(exc)
 
     def stop_scheduler(self, timeout: float = 30.0) -> None:
         """(``finalize``) Refuse the rounds still waiting -- each gets a "shutting down, retry" error -- and let the
@@ -449,6 +457,16 @@ class PythonModel:
         if dtype == "TYPE_STRING":
             return np.asarray(value, dtype=np.object_)
         return np.ascontiguousarray(value, dtype=numpy_dtype(dtype))
+
+
+def triton_error(pb_utils, message: str, code: str):
+    """``pb_utils.TritonError(message, code)``; a stub without error codes (before python backend 23.x) gets the
+    message alone (INTERNAL)."""
+    value = getattr(getattr(pb_utils, "TritonError", None), code, None)
+    try:
+        return pb_utils.TritonError(message, value) if value is not None else pb_utils.TritonError(message)
+    except TypeError:
+        return pb_utils.TritonError(message)
 
 
 def send_final(request, response) -> None:
