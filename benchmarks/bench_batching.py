@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,13 +28,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def _feeds(spec, sizes: dict, rng) -> dict:
@@ -77,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
 
+    from _machine import uptime
+
     from segllm_edge.contracts import ort as ortc
     from segllm_edge.contracts.manifest import Manifest
 
@@ -85,7 +79,7 @@ def main(argv=None) -> int:
     b = args.batch
     rng = np.random.default_rng(0)
     report = {"benchmark": "batching", "export": str(args.export.resolve()), "batch": b, "threads": threads,
-              "cpus_usable": len(os.sched_getaffinity(0)), "uptime_before": _uptime(),
+              "cpus_usable": len(os.sched_getaffinity(0)), "uptime_before": uptime(),
               "model": {k: m.model.get(k) for k in ("hidden_size", "num_layers")}, "cases": []}
     print(f"{report['cpus_usable']} cores, {threads} threads; {report['uptime_before']}", flush=True)
     for g in args.graphs.split(","):
@@ -108,7 +102,7 @@ def main(argv=None) -> int:
             print(f"{g} {axis}={b}: {res['batched_ms']:8.1f} ms vs {b} x {axis}=1 {res['one_by_one_ms']:8.1f} ms "
                   f"-> {res['gain']:.2f}x", flush=True)
         del sess
-    report["uptime_after"] = _uptime()
+    report["uptime_after"] = uptime()
     print(report["uptime_after"])
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / (f"{time.strftime('%Y%m%d-%H%M%S')}_batching_h{report['model']['hidden_size']}"

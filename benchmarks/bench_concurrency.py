@@ -25,9 +25,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,23 +46,6 @@ def _pct(xs, q):
     return float(np.percentile(np.asarray(xs, dtype=float), q)) if len(xs) else float("nan")
 
 
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _images(path: Path) -> list[bytes]:
     from PIL import Image
 
@@ -76,12 +56,13 @@ def _images(path: Path) -> list[bytes]:
     return [a, buf.getvalue()]
 
 
-def _conversation(client, image: bytes, rounds: int, close: bool = True):
-    """(per round: (round, latency ms, model_mask, counted memory)), the session (open when not ``close``)."""
+def _conversation(client, image: bytes, questions, close: bool = True):
+    """(per round: (round, latency ms, model_mask, counted memory, serving ms)), the session (open when not
+    ``close``)."""
     s = client.session(image)
     out = []
     try:
-        for q in _QUESTIONS[0][:rounds]:
+        for q in questions:
             t0 = time.perf_counter()
             r = s.ask(q)
             out.append((r.round, (time.perf_counter() - t0) * 1e3, r.model_mask, dict(r.memory), dict(r.serving)))
@@ -91,16 +72,13 @@ def _conversation(client, image: bytes, rounds: int, close: bool = True):
     return out, s
 
 
-_QUESTIONS = [QUESTIONS]
-
-
-def run_serial(client, images, c: int, rounds: int):
+def run_serial(client, images, c: int, questions):
     t0 = time.monotonic()
-    convs = [_conversation(client, images[i % len(images)], rounds)[0] for i in range(c)]
+    convs = [_conversation(client, images[i % len(images)], questions)[0] for i in range(c)]
     return time.monotonic() - t0, convs, []
 
 
-def run_concurrent(client, images, c: int, rounds: int, hold: bool = False):
+def run_concurrent(client, images, c: int, questions, hold: bool = False):
     convs: dict[int, list] = {}
     sessions: dict[int, object] = {}
     errors: list[str] = []
@@ -109,7 +87,7 @@ def run_concurrent(client, images, c: int, rounds: int, hold: bool = False):
     def worker(i):
         try:
             barrier.wait()
-            convs[i], sessions[i] = _conversation(client, images[i % len(images)], rounds, close=not hold)
+            convs[i], sessions[i] = _conversation(client, images[i % len(images)], questions, close=not hold)
         except Exception as e:  # noqa: BLE001 - counted and reported
             errors.append(f"{type(e).__name__}: {e}")
 
@@ -155,7 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib: the [bench] extra)")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    _QUESTIONS[0] = PLAIN_QUESTIONS if args.no_refs else QUESTIONS
+    questions = (PLAIN_QUESTIONS if args.no_refs else QUESTIONS)[:args.rounds]
+
+    from _machine import host as machine, uptime
 
     from segllm_edge.client import connect
     from segllm_edge.serving.repository import generate_repository
@@ -175,14 +155,13 @@ def main(argv=None) -> int:
     repo = generate_repository(export, tmp / "repo", max_conversations=max(levels), idle_timeout_s=600,
                                instance_count=args.instances, threads=args.threads, bls_parameters=sched)
     images = _images(args.image)
-    host = {"machine": platform.machine(), "cpu": _cpu_model(), "cpus": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)), "python": sys.version.split()[0]}
-    report = {"benchmark": "concurrency", "host": host, "uptime_before": _uptime(), "export": str(export),
+    host = machine()
+    report = {"benchmark": "concurrency", "host": host, "uptime_before": uptime(), "export": str(export),
               "model": {k: manifest["model"].get(k) for k in ("hidden_size", "num_layers", "num_heads")
                         if k in manifest.get("model", {})},
               "server": {"max_concurrent_rounds": args.max_concurrent_rounds or "default (4)",
                          "threads": args.threads or "all cores", "graph_instances": args.instances},
-              "rounds_per_conversation": args.rounds, "questions": list(_QUESTIONS[0][:args.rounds]), "levels": {}}
+              "rounds_per_conversation": args.rounds, "questions": list(questions), "levels": {}}
     print(f"{host['cpus_usable']} usable cores ({host['cpu']}); {report['uptime_before']}", flush=True)
     server = TritonServer(repo, log_path=tmp / "tritonserver.log", ready_timeout=600)
     server.start()
@@ -191,7 +170,7 @@ def main(argv=None) -> int:
         server.wait_ready()
         client = connect(server.grpc_url, retry=False)
         report["memory_ready"] = server.memory()
-        warm, _ = _conversation(client, images[0], args.rounds)      # first calls of every graph, off the clock
+        warm, _ = _conversation(client, images[0], questions)      # first calls of every graph, off the clock
         report["warmup_round_ms"] = [ms for (_, ms, *_r) in warm]
         held = []
         for c in levels:
@@ -203,9 +182,9 @@ def main(argv=None) -> int:
                 for mode in order:
                     last = c == levels[-1] and rep == args.reps - 1 and mode == "concurrent" and args.hold
                     if mode == "serial":
-                        got[mode] = run_serial(client, images, c, args.rounds)
+                        got[mode] = run_serial(client, images, c, questions)
                     else:
-                        wall, convs, errs, sessions = run_concurrent(client, images, c, args.rounds, hold=last)
+                        wall, convs, errs, sessions = run_concurrent(client, images, c, questions, hold=last)
                         got[mode] = (wall, convs, errs)
                         if last:
                             held = [(s, conv) for s, conv in zip(sessions, convs)]
@@ -215,9 +194,9 @@ def main(argv=None) -> int:
                 level["serial"].append(_summary(s_wall, s_convs))
                 level["concurrent"].append(_summary(c_wall, c_convs))
                 level["ratio"].append(s_wall / c_wall if c_wall else float("nan"))
-                solo = {rnd: ms for conv in s_convs for (rnd, ms, *_r) in conv}   # the serial run's per round
+                # each round number's solo latency: the serial run's median
                 solo_by_round = {rnd: float(np.median([ms for conv in s_convs for (r2, ms, *_r) in conv if r2 == rnd]))
-                                 for rnd in solo}
+                                 for rnd in {r[0] for conv in s_convs for r in conv}}
                 slow = [ms / solo_by_round[rnd] for conv in c_convs for (rnd, ms, *_r) in conv]
                 level["slowdown_max"].append(max(slow) if slow else float("nan"))
                 for sc, cc in zip(s_convs, c_convs):       # conversation i: same image, same questions
@@ -248,7 +227,7 @@ def main(argv=None) -> int:
         client.close()
     finally:
         server.stop()
-    report["uptime_after"] = _uptime()
+    report["uptime_after"] = uptime()
     print(report["uptime_after"])
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -30,7 +30,7 @@ from .contracts.serving import (ALWAYS_OUTPUTS, IN_CONVERSATION, IN_END, IN_IMAG
                                 OUT_MASK_LOGITS, OUT_MEMORY, OUT_MODEL_BOX, OUT_MODEL_MASK, OUT_NEW_TOKENS,
                                 OUT_QUERY_INDEX, OUT_ROUND, OUT_SCORE, OUT_TIMINGS, SERVING_TIMINGS, TIMINGS_CALLS,
                                 TIMINGS_IN_PROCESS)
-from .serving.wire import decode_mask_png, error_class, parse_bracketed
+from .serving.wire import decode_mask_png, error_class, parse_bracketed, status_and_message
 
 #: seconds a request may take before the client gives up (a HIPIE round on a CPU is seconds)
 DEFAULT_TIMEOUT_S = 300.0
@@ -128,8 +128,7 @@ def map_error(exc: Exception) -> Exception:
     parsed = parse_bracketed(msg)
     if parsed is not None:                   # the server answered: its status code says what happened
         name, rest = parsed
-        status = exc.status() if hasattr(exc, "status") and callable(exc.status) else getattr(exc, "status", None)
-        cls = error_class(status, name)
+        cls = error_class(status_and_message(exc)[0], name)
         if cls is BackendError or (cls is None and name == "InternalError"):
             return BackendError(f"the server failed: {rest}")
         if cls is not None:

@@ -55,9 +55,9 @@ def retryable(exc: BaseException, unsent_only: bool = False) -> bool:
     ``unsent_only``, only one that means the request never reached a server (:data:`_NOT_SENT`: a start is
     not idempotent, a reset connection may have started a conversation). An error the server answered
     (``[ErrorClass] ...``) is never retried, whatever words it carries."""
-    from .serving.wire import parse_bracketed
+    from .serving.wire import parse_bracketed, status_and_message
 
-    status, message = (v() if callable(v) else v for v in (getattr(exc, a, None) for a in ("status", "message")))
+    status, message = status_and_message(exc)
     if parse_bracketed(str(message if message is not None else exc)) is not None:
         return False
     text = " ".join(str(x) for x in (exc, status, message) if x is not None).lower()

@@ -47,8 +47,7 @@ class RoundScheduler:
         for label, v in (("max_concurrent_rounds", workers), ("max_pending_per_conversation",
                                                               max_pending_per_conversation),
                          ("max_queued_rounds", max_queued)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{label} must be an integer >= 1, got {v!r}")
+            _check_bound(label, v)
         self.workers = workers
         self.max_pending_per_conversation = max_pending_per_conversation
         self.max_queued = max_queued
@@ -73,7 +72,10 @@ class RoundScheduler:
     def pending(self, key: Hashable) -> int:
         """Rounds of ``key`` running or waiting."""
         with self._cond:
-            return len(self._queues.get(key, ())) + (key in self._running)
+            return self._pending(key)
+
+    def _pending(self, key: Hashable) -> int:       # under self._cond
+        return len(self._queues.get(key, ())) + (key in self._running)
 
     @property
     def running(self) -> int:
@@ -90,7 +92,7 @@ class RoundScheduler:
         with self._cond:
             if self._closed:
                 raise ServerBusyError("the server is shutting down; retry against another replica or later")
-            pending = len(self._queues.get(key, ())) + (key in self._running)
+            pending = self._pending(key)
             if pending >= self.max_pending_per_conversation:
                 self.stats["refused"] += 1
                 raise ServerBusyError(
@@ -184,6 +186,13 @@ class RoundScheduler:
             t.join(None if end is None else max(0.0, end - time.monotonic()))
 
 
+def _check_bound(label: str, v) -> int:
+    """``v`` when it is an integer >= 1 (a bool is not), else ConfigError naming ``label``."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"{label} must be an integer >= 1, got {v!r}")
+    return v
+
+
 def default_max_queued(max_conversations: int) -> int:
     """Rounds that may wait for a slot by default: two per live conversation."""
     return 2 * max(1, int(max_conversations))
@@ -198,11 +207,8 @@ def scheduler_parameters(max_concurrent_rounds: int | None = None, max_queued_ro
                             (PARAM_MAX_QUEUED_ROUNDS, "max_queued_rounds", max_queued_rounds),
                             (PARAM_MAX_PENDING_PER_CONVERSATION, "max_pending_per_conversation",
                              max_pending_per_conversation)):
-        if v is None:
-            continue
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{label} must be an integer >= 1, got {v!r}")
-        out[param] = str(v)
+        if v is not None:
+            out[param] = str(_check_bound(label, v))
     return out
 
 

@@ -38,6 +38,12 @@ CLASS_OF_CODE = {"INVALID_ARG": SegLLMError, "NOT_FOUND": SessionError, "UNAVAIL
                  "INTERNAL": BackendError}
 
 
+def status_and_message(exc: BaseException) -> tuple:
+    """``(status, message)`` of a client exception: tritonclient's are methods, others may be attributes or
+    missing (None)."""
+    return tuple(v() if callable(v) else v for v in (getattr(exc, a, None) for a in ("status", "message")))
+
+
 def error_code(exc_or_class) -> str:
     """The Triton error code of an exception (or class): :data:`ERROR_CODES`, else ``"INTERNAL"``."""
     cls = exc_or_class if isinstance(exc_or_class, type) else type(exc_or_class)
