@@ -301,11 +301,11 @@ def _cert(tmp_path):
     return cert, key
 
 
-def _serve(args, tmp_path):
+def _serve(args, tmp_path, env=None):
     import os
     import subprocess
 
-    env = {**os.environ, "SEGLLM_TRITON_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "SEGLLM_TRITON_CACHE": str(tmp_path / "cache"), **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "segllm_edge", "serve", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -338,13 +338,33 @@ def test_serve_api_key_tls_admin_busy_port_and_kill_9(tmp_path):
     cert, key = _cert(tmp_path)
     ports = [str(free_port()) for _ in range(3)]
     port_args = ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
-    args = ["--export", str(tmp_path), "--repo", str(repo), *port_args, "--api-key", "s3cret",
+    api_key, admin_key = "s3cret-api-7f3a", "s3cret-admin-c41d"
+    admin_file = tmp_path / "admin.key"
+    admin_file.write_text(admin_key + "\n")
+    admin_file.chmod(0o644)
+    args = ["--export", str(tmp_path), "--repo", str(repo), *port_args, "--admin-key-file", str(admin_file),
             "--tls-cert", str(cert), "--tls-key", str(key), "--log", str(tmp_path / "triton.log")]
-    proc = _serve(args, tmp_path)
+    refused = _serve(args, tmp_path, env={"SEGLLM_API_KEY": api_key})   # a key file others can read: refused
+    out, _ = refused.communicate(timeout=60)
+    assert refused.returncode != 0 and "readable by other users" in out and "chmod 600" in out, out
+    admin_file.chmod(0o600)
+    proc = _serve(args, tmp_path, env={"SEGLLM_API_KEY": api_key})
     try:
         _wait_line(proc, "ready in")
         kids = _descendants(proc.pid)
         assert len(kids) >= 2, kids                       # tritonserver (+ watchdog) and the stub
+        # no key on any process's command line (ps); the stubs do not inherit the keys either
+        for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+            except OSError:
+                continue
+            assert api_key.encode() not in cmdline and admin_key.encode() not in cmdline, (pid, cmdline)
+        stubs = [k for k in kids if b"python_backend_stub" in open(f"/proc/{k}/cmdline", "rb").read()]
+        assert stubs, kids
+        for k in stubs:
+            environ = open(f"/proc/{k}/environ", "rb").read()
+            assert b"SEGLLM_ARGV_SECRET" not in environ and admin_key.encode() not in environ
         url = f"127.0.0.1:{ports[1]}"
         c = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(cert))
         x = np.ones(3, np.float32)
@@ -352,17 +372,24 @@ def test_serve_api_key_tls_admin_busy_port_and_kill_9(tmp_path):
             _infer(c, "add_one", {"X": x})                # no key: refused
         from segllm_edge.serving.security import grpc_headers
 
-        key_h = grpc_headers("s3cret")
-        r = _infer(c, "add_one", {"X": x}, headers=key_h)
+        key_h = grpc_headers(api_key)
+        r = _infer(c, "add_one", {"X": x}, headers=key_h)   # the key from the environment opens inference
         np.testing.assert_array_equal(r.as_numpy("Y"), x + 1)
         with pytest.raises(InferenceServerException):     # shared memory registration: admin only
             c.register_system_shared_memory("r", "/segllm-test", 64, headers=key_h)
+        with pytest.raises(InferenceServerException, match="(?i)restricted|segllm-admin-key"):
+            c.get_inference_statistics("add_one", headers=key_h)
+        from segllm_edge.serving.security import ADMIN_KEY_HEADER, GRPC_HEADER_PREFIX
+
+        stats = c.get_inference_statistics("add_one", headers={GRPC_HEADER_PREFIX + ADMIN_KEY_HEADER: admin_key},
+                                           as_json=True)   # the key from the file opens the admin protocols
+        assert stats["model_stats"][0]["name"] == "add_one"
         with pytest.raises(InferenceServerException):     # plaintext gRPC on the TLS port: no answer
             grpcclient.InferenceServerClient(url).is_server_live(client_timeout=5)
         c.close()
 
         # a second serve on the same ports: refused at once, never "ready"
-        second = _serve(args, tmp_path)
+        second = _serve(args, tmp_path, env={"SEGLLM_API_KEY": api_key})
         out, _ = second.communicate(timeout=60)
         assert second.returncode != 0 and "already in use" in out and "\nready in" not in "\n" + out, out
         assert [ln for ln in out.splitlines() if ln.strip()][-1].startswith("Error: ")

@@ -163,10 +163,15 @@ def _check_store(repo, state_dir, redis_url, idle_timeout, max_bytes, max_total)
 @click.option("--idle-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="seconds an abandoned conversation is kept before it expires")
 @click.option("--api-key", default=None, envvar="SEGLLM_API_KEY",
-              help="require this key (header segllm-api-key) for inference/metadata; also $SEGLLM_API_KEY")
+              help="require this key (header segllm-api-key) for inference/metadata; better as $SEGLLM_API_KEY or "
+                   "--api-key-file (a flag is visible to other users in ps)")
+@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="read the API key from this file (mode 600)")
 @click.option("--admin-key", default=None, envvar="SEGLLM_ADMIN_KEY",
               help="key (header segllm-admin-key) for shared memory, repository control, statistics, trace, "
-                   "logging (default: a random key, i.e. closed)")
+                   "logging (default: none, i.e. closed); better as $SEGLLM_ADMIN_KEY or --admin-key-file")
+@click.option("--admin-key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="read the admin key from this file (mode 600)")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
               help="PEM certificate: the gRPC endpoint speaks TLS (needs --tls-key)")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key")
@@ -175,18 +180,29 @@ def _check_store(repo, state_dir, redis_url, idle_timeout, max_bytes, max_total)
 @_state_options
 @_round_options
 def serve_command(export_dir, repo, http_port, grpc_port, metrics_port, address, max_conversations, idle_timeout,
-                  api_key, admin_key, tls_cert, tls_key, log_path, state_dir, redis_url, state_max_bytes,
+                  api_key, api_key_file, admin_key, admin_key_file, tls_cert, tls_key, log_path, state_dir, redis_url, state_max_bytes,
                   state_max_total_bytes, max_concurrent_rounds, max_queued_rounds, max_pending_per_conversation):
-    """Serve EXPORT with Triton Inference Server until Ctrl-C / SIGTERM (tritonserver and its stubs die with it)."""
-    from .security import Exposure
-    from .tritonserver import TritonServer, TritonServerError, port_in_use
+    """Serve EXPORT with Triton Inference Server until Ctrl-C / SIGTERM (tritonserver and its stubs die with it).
 
+    The keys never reach tritonserver's command line (segllm_edge.serving.argv_secrets)."""
+    from .argv_secrets import shim_library
+    from .security import Exposure, choose_key
+    from .tritonserver import TritonServer, TritonServerError, default_cache_dir, port_in_use
+
+    ctx = click.get_current_context()
+    typed = {n: ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE for n in ("api_key", "admin_key")}
     try:
+        api_key = choose_key(api_key, typed["api_key"], api_key_file, "API key", "--api-key", "SEGLLM_API_KEY")
+        admin_key = choose_key(admin_key, typed["admin_key"], admin_key_file, "admin key", "--admin-key",
+                               "SEGLLM_ADMIN_KEY")
         busy = [p for p in (http_port, grpc_port, metrics_port) if port_in_use(p, address)]
         if busy:
             raise TritonServerError(f"port {', '.join(map(str, busy))} on {address} is already in use (another "
                                     "server running?); stop it or pass other --http-port/--grpc-port/--metrics-port")
-        extra = Exposure(api_key=api_key, admin_key=admin_key, tls_cert=tls_cert, tls_key=tls_key).tritonserver_args()
+        exposure = Exposure(api_key=api_key, admin_key=admin_key, tls_cert=tls_cert, tls_key=tls_key)
+        extra, secrets = exposure.tritonserver_args(), exposure.secrets()
+        if secrets:
+            shim_library(default_cache_dir())   # no compiler: fail now, before the repository is written
         store = _check_store(repo, state_dir, redis_url, idle_timeout, state_max_bytes, state_max_total_bytes)
         rounds = _round_parameters(repo, max_concurrent_rounds, max_queued_rounds, max_pending_per_conversation)
         repo = repo or _cached_repo(export_dir, max_conversations, idle_timeout, {**store, **rounds},
@@ -198,7 +214,8 @@ def serve_command(export_dir, repo, http_port, grpc_port, metrics_port, address,
     except (SegLLMError, FileExistsError, ValueError) as exc:
         _fail(exc)
     server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          address=address, log_path=log_path, ready_timeout=300, extra_args=extra)
+                          address=address, log_path=log_path, ready_timeout=300, extra_args=extra,
+                          secrets=secrets)
     stop = threading.Event()
 
     def _on_signal(signum, frame):

@@ -50,6 +50,7 @@ from typing import Iterable, Mapping, Sequence
 
 from ..errors import BackendError
 from ..process_memory import kib_field
+from .argv_secrets import launch_environment
 
 INSTALL_HINT = ("install it with `pip install nvidia-pytriton` (the wheel ships the tritonserver binary "
                 "and the python backend; numpy must stay < 2), or point SEGLLM_TRITON_HOME at a "
@@ -311,14 +312,16 @@ class TritonServer:
     ``TritonServer(repo)`` then ``start()`` + ``wait_ready()``, or use it as a context manager
     (``__enter__`` starts it if needed and waits until ready, ``__exit__`` stops it).
     Ports left as None are chosen free.  The server's stdout/stderr (including the stubs'
-    output) go to ``log_path``.
+    output) go to ``log_path``.  ``secrets`` (name -> value) fill the placeholders
+    (:func:`segllm_edge.serving.argv_secrets.placeholder`) in ``extra_args`` inside the server, so that no
+    key is on its command line.
     """
 
     def __init__(self, model_repository: str | os.PathLike | None = None, *, http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, extra_args: Sequence[str] = (),
                  address: str = "127.0.0.1", log_path: str | os.PathLike | None = None, log_verbose: int = 0,
                  install: TritonInstall | None = None, cache_dir: str | os.PathLike | None = None,
-                 ready_timeout: float = 60.0, abort_retries: int = 1):
+                 ready_timeout: float = 60.0, abort_retries: int = 1, secrets: Mapping[str, str] | None = None):
         self.model_repository = model_repository
         # tritonserver (its gRPC poller) now and then aborts at start-up (SIGABRT, "epoll_wait error: Bad file
         # descriptor") before it serves anything: wait_ready() starts it again this many times.  A server that
@@ -328,6 +331,8 @@ class TritonServer:
         self._aborts_left = 0
         self._ports = (http_port, grpc_port, metrics_port)
         self.extra_args = tuple(extra_args)
+        # values of the placeholders in the arguments (argv_secrets): they go to the server's environment only
+        self._secrets = dict(secrets or {})
         self.address = address
         self.log_verbose = log_verbose
         self.ready_timeout = ready_timeout
@@ -399,7 +404,8 @@ class TritonServer:
         self.ready_after_s = None
         # own session/process group: stop() can take the stub processes down with the server; the server gets
         # SIGKILL if this process dies, and a watchdog in its group kills the stubs then too (kill -9 included)
-        self._proc = subprocess.Popen(self.command, env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT,
+        env = launch_environment(self.env, self._secrets, Path(self._cache_dir or default_cache_dir()))
+        self._proc = subprocess.Popen(self.command, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         pgid = self._proc.pid
         self._watchdog = subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG, str(os.getpid()), str(pgid)],
