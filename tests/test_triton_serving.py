@@ -453,6 +453,52 @@ def test_cap_and_idle_timeout(server, images):
     c.close()
 
 
+def test_metrics_on_the_metrics_port(server, client, images):
+    """segllm_* metrics scraped from the real server's metrics port: per-stage round histograms, rounds, refusals
+    by reason and code, live conversations with their KV and state bytes -- beside Triton's own nv_* metrics."""
+    from segllm_edge.client import RemoteSession
+    from segllm_edge.serving.metrics import FAMILIES, sample, scrape
+
+    def m(snap, name, **labels):
+        return sample(snap, name, model="segllm", **labels)
+
+    before = scrape(server.metrics_url)
+    with client.session(images["golden"]) as s:
+        s.ask(GOLDEN_QUESTIONS[0])
+        s.ask(GOLDEN_QUESTIONS[1], refs=[1])
+        mid = scrape(server.metrics_url)
+        ghost = RemoteSession(client, b"", conversation="never-started-" + "y" * 20)
+        with pytest.raises(SessionError):
+            ghost.ask("Segment the red circle.")
+        refused = scrape(server.metrics_url)
+    after = scrape(server.metrics_url)
+
+    def delta(name, a=before, b=mid, **labels):
+        return m(b, name, **labels) - m(a, name, **labels)
+
+    assert delta("segllm_rounds_total") == 2
+    for stage in ("round", "tokenize", "llm_prefill", "seg_head", "mask_decoder", "postprocess"):
+        assert delta("segllm_round_stage_seconds_count", stage=stage) == 2, stage
+        assert delta("segllm_round_stage_seconds_bucket", stage=stage, le="+Inf") == 2, stage
+    assert delta("segllm_round_stage_seconds_count", stage="vision_encoder") == 1   # round 1 only
+    assert delta("segllm_round_stage_seconds_count", stage="mask_encoder") == 1     # round 2 (its reference)
+    round_s = delta("segllm_round_stage_seconds_sum", stage="round")
+    decoder_s = delta("segllm_round_stage_seconds_sum", stage="mask_decoder")
+    assert 0 < decoder_s < round_s < 120, (decoder_s, round_s)
+    assert delta("segllm_live_conversations") == 1
+    kv, state = m(mid, "segllm_kv_cache_bytes"), m(mid, "segllm_conversation_state_bytes")
+    assert kv > m(before, "segllm_kv_cache_bytes") and state > kv, (kv, state)
+    assert delta("segllm_refused_requests_total", mid, refused, reason="SessionError", code="NOT_FOUND") == 1
+    assert delta("segllm_live_conversations", mid, after) == -1                     # closed
+    assert m(after, "segllm_running_rounds") == 0 and m(after, "segllm_queued_rounds") == 0
+    names = {name for name, _ in after}
+    assert {"nv_inference_request_success", *(n for n, kind, _ in FAMILIES.values() if kind != "histogram")} <= names
+    print("\nscraped from " + server.metrics_url + ": " + ", ".join(
+        f"{n} {m(mid, n):.0f}" for n in ("segllm_rounds_total", "segllm_live_conversations", "segllm_kv_cache_bytes",
+                                          "segllm_conversation_state_bytes"))
+          + f"; round {round_s:.2f} s / mask_decoder {decoder_s:.2f} s over 2 rounds")
+
+
 def test_web_demo_over_the_server(client, images, reference):
     """`segllm-edge web --connect`: the page's API on a RemoteEngine gives the server's masks and its errors."""
     pytest.importorskip("starlette")

@@ -295,6 +295,11 @@ class ConversationStore:
             if token in self._states:
                 self._states[token] = (self.clock(), self._states[token][1])
 
+    def states(self) -> list:
+        """The live conversations' states (a snapshot)."""
+        with self._lock:
+            return [st for _, st in self._states.values()]
+
     def drop(self, token) -> None:
         with self._lock:
             st = self._states.pop(token, None)
@@ -338,8 +343,9 @@ class ConversationService:
 
     def __init__(self, backend_factory: Callable[[], TritonBlsBackend], max_conversations: int = 8,
                  idle_timeout_s: float | None = 600.0, clock=time.monotonic, max_session_bytes: int | None = None,
-                 state_store=None):
+                 state_store=None, metrics=None):
         self._backend_factory = backend_factory
+        self.metrics = metrics                   # serving.metrics.ModelMetrics: each answered round's timings
         self.durable = DurableConversations(state_store) if state_store is not None else None
         self._backend: TritonBlsBackend | None = None
         self.max_session_bytes = max_session_bytes
@@ -447,6 +453,8 @@ class ConversationService:
         timings[TIMINGS_CALLS] = dict(backend.call_ms)
         timings[TIMINGS_IN_PROCESS] = dict(backend.local_ms)
         timings.update(written)
+        if self.metrics is not None:
+            self.metrics.round_answered(timings)
         return round_response(result, token, timings, want_logits=want_logits)
 
     def _budget(self) -> int:
@@ -625,13 +633,17 @@ class SegLLMBlsModel(PythonModel):
         store = open_store(self.params.get(PARAM_STATE_DIR) or None, redis_url and redis_url_for_server(redis_url), idle,
                            int(self.params.get(PARAM_STATE_MAX_BYTES) or 0) or None,
                            int(self.params.get(PARAM_STATE_MAX_TOTAL_BYTES) or 0) or None)
+        from .metrics import ModelMetrics, triton_family
+
+        self.metrics = ModelMetrics(name, triton_family())   # on Triton's metrics port (segllm_* families)
         self.service = ConversationService(lambda: TritonBlsBackend(export_dir, caller, threads=threads), cap, idle,
-                                           max_session_bytes=budget, state_store=store)
+                                           max_session_bytes=budget, state_store=store, metrics=self.metrics)
         self.service.backend  # load tokenizer, manifest and the in-process graphs now: fail at model load
         from .round_scheduler import scheduler_from_parameters
 
         # rounds of different conversations at once (execute hands each request to it and returns; see pystub)
         self.scheduler = scheduler_from_parameters(self.params, cap, name=f"{name}-round")
+        self.scheduler.on_change = self.metrics.rounds_in_flight
 
     def schedule_key(self, inputs: dict, ctx: RequestContext):
         """A conversation's rounds queue behind each other (its token); a START has a queue of its own."""
@@ -639,10 +651,23 @@ class SegLLMBlsModel(PythonModel):
         return ("conversation", key) if key is not None else self.scheduler.unique_key()
 
     def infer(self, inputs: dict, ctx: RequestContext) -> dict:
-        return self.service.handle(inputs, ctx)
+        self._gauges()
+        try:
+            return self.service.handle(inputs, ctx)
+        finally:
+            self._gauges()
+
+    def error_response(self, exc: BaseException):
+        self.metrics.refused(exc)
+        self._gauges()
+        return super().error_response(exc)
+
+    def _gauges(self) -> None:
+        self.metrics.conversations(self.service.store.states())
 
     def finalize(self) -> None:
         self.stop_scheduler()
+        self.metrics.close()
 
     def error_message(self, exc: BaseException) -> str:
         return bracketed(exc)

@@ -39,7 +39,8 @@ class RoundScheduler:
 
     ``on_refused(job, exc)`` (optional) is called for each job still waiting when :meth:`close` is called
     without ``drain`` (every request must get its answer). A job must not raise; if it does, the exception
-    goes to ``on_error(exc)`` (default: ignored) and the worker goes on.
+    goes to ``on_error(exc)`` (default: ignored) and the worker goes on. ``on_change(running, queued)``
+    (optional attribute) is called after every change of those counts (the metrics' gauges).
     """
 
     def __init__(self, workers: int = 4, max_pending_per_conversation: int = 2, max_queued: int = 16,
@@ -52,6 +53,7 @@ class RoundScheduler:
         self.max_pending_per_conversation = max_pending_per_conversation
         self.max_queued = max_queued
         self.on_error = on_error
+        self.on_change: Callable[[int, int], None] | None = None
         self._cond = threading.Condition()
         self._queues: dict[Hashable, deque] = {}     # key -> waiting jobs (FIFO)
         self._running: set = set()                   # keys with a job on a worker
@@ -111,6 +113,15 @@ class RoundScheduler:
             if key not in self._running and len(q) == 1:
                 self._ready.append(key)
             self._cond.notify()
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            with self._cond:      # under the lock: the last call carries the last counts
+                try:
+                    self.on_change(len(self._running), self._queued)
+                except Exception:     # a gauge must never fail a round
+                    pass
 
     # -- working ---------------------------------------------------------------------------------
     def _next(self):
@@ -141,6 +152,7 @@ class RoundScheduler:
             key, job = self._next()
             if job is None:
                 return
+            self._changed()
             try:
                 job()
             except BaseException as e:  # a job answers its own request; this is a bug in it, not a reason to die
@@ -151,6 +163,7 @@ class RoundScheduler:
                         pass
             finally:
                 self._finish(key)
+                self._changed()
 
     # -- stopping --------------------------------------------------------------------------------
     def wait_idle(self, timeout: float | None = None) -> bool:
