@@ -1,13 +1,15 @@
 # Two commands on a fresh machine:
 #   make demo   installs everything into .venv and runs the demo
 #   make test   runs the test suite (installing first if needed: the venv, and the Debian packages the
-#               tests use -- chromium, chromium-driver, openssl, redis-server -- via tools/system_deps.sh)
+#               tests use -- chromium, chromium-driver, openssl, redis-server -- via tools/system_deps.sh),
+#               then the numpy-2 run (make test-numpy2: export, CPU paths and the client in a numpy-2 venv,
+#               against a server in the numpy-1 venv; docs/numpy.md)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install system-deps demo test clean
+.PHONY: install system-deps demo test test-numpy2 clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +31,28 @@ system-deps:
 
 test: install system-deps
 	$(PY) -m pytest -q
+	$(MAKE) test-numpy2
+
+# numpy 2: everything but the Triton stub runs it (docs/numpy.md). A second venv without [serve] (its stub
+# needs numpy<2) runs the tests of exporting, running an export and the client; the client's server is
+# `serve` from the numpy-1 venv above (SEGLLM_SERVE_PYTHON).
+NUMPY2_VENV  ?= .venv-numpy2
+NUMPY2_PY    := $(NUMPY2_VENV)/bin/python
+NUMPY2_TESTS := tests/test_numpy2.py tests/test_export.py tests/test_cpu_paths.py tests/test_pipeline_numpy.py \
+                tests/test_shared_weights.py tests/test_kv_inplace.py tests/test_images.py \
+                tests/test_mask_postprocess.py tests/test_eval_metrics.py tests/test_session_errors.py \
+                tests/test_web.py tests/test_torch_free.py
+
+$(NUMPY2_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(NUMPY2_VENV)
+	$(NUMPY2_PY) -m pip install -q --upgrade pip
+	$(NUMPY2_PY) -m pip install -q torch==2.13.0
+	$(NUMPY2_PY) -m pip install -q -e ".[cpu,openvino,export,test,client,bench,web]" "numpy>=2"
+	$(NUMPY2_PY) -c "import numpy, sys; sys.exit(f'numpy {numpy.__version__}: not 2') if int(numpy.__version__.split('.')[0]) < 2 else None"
+	touch $@
+
+test-numpy2: install system-deps $(NUMPY2_VENV)/.installed
+	SEGLLM_SERVE_PYTHON=$(abspath $(PY)) $(NUMPY2_PY) -m pytest -q -p no:cacheprovider $(NUMPY2_TESTS)
 
 clean:
-	rm -rf $(VENV) segllm-demo .pytest_cache
+	rm -rf $(VENV) $(NUMPY2_VENV) segllm-demo .pytest_cache

@@ -306,6 +306,18 @@ def _stop_all() -> None:  # a crashed test must not leave a server (and its stub
             pass
 
 
+def check_numpy_for_stub(numpy_version: str | None = None, environ=None) -> None:
+    """The stubs run this interpreter's numpy: numpy 2 with a stub older than Triton 2.52 fails here, before
+    anything starts, with the fix, instead of at every model's load (docs/numpy.md)."""
+    from .pystub import StubEnvironmentError, check_stub_environment
+
+    try:
+        check_stub_environment(environ=environ, numpy_version=numpy_version)
+    except StubEnvironmentError as exc:
+        raise TritonServerError(f"{exc} (serving needs a numpy-1 environment: pip install 'segllm-edge[serve]' "
+                                "pins numpy<2; see docs/numpy.md)") from None
+
+
 class TritonServer:
     """One ``tritonserver`` process.
 
@@ -366,6 +378,7 @@ class TritonServer:
         if not repo.is_dir():
             raise TritonServerError(f"model repository {repo} is not a folder")
         self.model_repository = repo
+        check_numpy_for_stub()
         install = self._install or find_triton()
         setup = prepare_backends(install, self._cache_dir)
 
