@@ -123,7 +123,7 @@ def load(path: str | Path, backend: str | None = None, dtype="auto", device: str
     A backend that cannot run here (no GPU, no onnxruntime-gpu, no TensorRT, no torch) or an option it
     cannot honour raises BackendError saying what is missing. ``use_stored_gammas`` (torch): use the
     fusion block's stored ``gamma_v/gamma_l`` instead of the 1/6 the released research loader actually
-    runs with (see the model notes in the README).
+    runs with (see docs/model-notes.md).
     """
     path = Path(path)
     if not path.exists():

@@ -131,7 +131,7 @@ def test_fp16_export_has_an_fp16_kv_cache(golden_export_fp16):
     backend.llm(rng.standard_normal((1, 2, info["hidden_size"]), dtype=np.float32), cache)
     assert cache.length == 7 and all(a.dtype == np.float16 for a in cache.arrays)
     per_token = 2 * info["num_layers"] * info["num_kv_heads"] * info["head_dim"] * 2
-    assert cache.nbytes() == per_token * 7 == 7 * 1024  # the README: 1 KiB per token for the golden-size model in fp16
+    assert cache.nbytes() == per_token * 7 == 7 * 1024  # docs/memory.md: 1 KiB per token for the golden-size model in fp16
 
 def test_fp16_external_and_graph_files_are_world_readable(golden_export_fp16):
     for f in golden_export_fp16.glob("*.onnx*"):
