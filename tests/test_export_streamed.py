@@ -191,3 +191,28 @@ def test_tensorrt11_builds_a_bf16_export_strongly_typed(bf16_folder, tmp_path, m
     with pytest.raises(BackendError, match="needs a fp16 ONNX graph, and seg_head.onnx is bf16"):
         B.build_engines(bf16_folder, "fp16", out_dir=tmp_path / "engines16", log=lambda *_: None,
                         options=B.BuildOptions(graphs=("seg_head",)))
+
+
+def test_bos_prefix_of_a_bf16_export(bf16_folder, golden_export, tmp_path):
+    """build-engines writes the BOS prefix before building; onnxruntime's CPU provider cannot run a bf16 llm
+    graph, so it runs an fp32-compute companion of it (same bf16 weights, cast where read): the prefix equals the
+    fp32 export's up to bf16 rounding, and the companion is gone afterwards."""
+    from segllm_edge.export.tensorrt.bos_prefix import fp32_compute_graph, has_bf16, write_bos_prefix
+
+    proto = onnx.load(str(bf16_folder / "llm.onnx"), load_external_data=False)
+    companion = fp32_compute_graph(proto).graph
+    bf16 = {t.name for t in companion.initializer if t.data_type == onnx.TensorProto.BFLOAT16}
+    assert bf16 and has_bf16(proto)                                     # the weights stay bf16; proto unchanged
+    assert all(n.op_type == "Cast" for n in companion.node if set(n.input) & bf16)   # read through a cast only
+    assert not any(v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+                   for v in (*companion.input, *companion.output, *companion.value_info))
+    ref = np.load(write_bos_prefix(golden_export, tmp_path / "fp32.npz"))
+    got = np.load(write_bos_prefix(bf16_folder, tmp_path / "bf16.npz"))
+    assert set(got.files) == set(ref.files) and int(got["bos_id"]) == int(ref["bos_id"])
+    assert str(got["onnx_sha256"]) != str(ref["onnx_sha256"])          # keyed to the bf16 graph
+    for k in ref.files:
+        if k.startswith("present.") or k == "hidden_states":
+            a, b = ref[k], got[k]
+            assert a.shape == b.shape and b.dtype == np.float32, k
+            assert float(np.abs(a - b).max() / np.abs(a).max()) < 5e-2, k   # bf16 weights
+    assert not [p for p in bf16_folder.iterdir() if "bos-fp32" in p.name]

@@ -449,7 +449,8 @@ _NP_TO_TRT = {"float32": "FLOAT", "float16": "HALF", "int64": "INT64", "int32": 
 
 def make_fake_tensorrt(log: list) -> types.ModuleType:
     """Just enough of TensorRT 10's Python API for builder.build_engines and TrtBackend; engines run the
-    ONNX graph with onnxruntime on the CPU. ``log`` collects (graph, profile index, input shapes)."""
+    ONNX graph with onnxruntime on the CPU. ``log`` collects (graph, profile index, input shapes);
+    ``trt.streams`` the (graph, stream handle) of every profile switch and execution."""
     import onnxruntime as ort
 
     import importlib.machinery
@@ -459,6 +460,7 @@ def make_fake_tensorrt(log: list) -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # no origin: nothing to load
     trt.__version__ = FAKE_DEVICE.trt_version
+    streams = trt.streams = []
     trt.DataType = types.SimpleNamespace(**{n: _DT(n) for n in ("FLOAT", "HALF", "BF16", "INT32", "INT64", "INT8",
                                                                  "UINT8", "BOOL")})
     trt.float32, trt.float16, trt.bfloat16 = trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16
@@ -601,6 +603,7 @@ def make_fake_tensorrt(log: list) -> types.ModuleType:
 
         def set_optimization_profile_async(self, i, stream):
             assert 0 <= i < max(1, len(self.e.profiles))
+            streams.append((self.e.graph, stream))
             self.profile, self.shapes = i, {}
             return True
 
@@ -641,6 +644,7 @@ def make_fake_tensorrt(log: list) -> types.ModuleType:
             return np.frombuffer(raw, dtype=dt).reshape(shape)
 
         def execute_async_v3(self, stream):
+            streams.append((self.e.graph, stream))
             feeds = {n: self._array(n, self.shapes[n]).astype(self.e.specs[n].dtype) for n in self.e.in_names}
             log.append((self.e.graph, self.profile, {n: tuple(v.shape) for n, v in feeds.items()}))
             outs = self.e.sess.run(self.e.out_names, feeds)
@@ -787,6 +791,20 @@ def _conversation(model_or_backend, image, reuse, n=3):
     model = model_or_backend if isinstance(model_or_backend, SegLLM) else SegLLM(model_or_backend)
     s = model.session(image, reuse=reuse, trace=True)
     return s, [s.ask(q) for q in GOLDEN_QUESTIONS[:n]]
+
+
+def test_every_engine_runs_on_the_backends_own_stream(fake_build, golden_image):
+    """Not the legacy default stream (handle 0: TensorRT adds a sync around every enqueueV3): every profile switch
+    and execution of a conversation gets the stream the backend was given (on CUDA one it creates itself). A
+    stand-in stream object here: without a GPU nothing checks the CUDA ordering itself."""
+    be = _backend(fake_build)
+    assert be.stream is None                          # on the CPU stand-in device
+    be.use_stream(types.SimpleNamespace(cuda_stream=0x5EED))
+    fake_build.trt.streams.clear()
+    _conversation(be, golden_image, True, 2)
+    graphs = {g for g, _ in fake_build.trt.streams}
+    assert {"vision_encoder", "llm", "seg_head", "mask_decoder", "mask_encoder"} <= graphs, graphs
+    assert {h for _, h in fake_build.trt.streams} == {0x5EED}
 
 
 @pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no_reuse"])

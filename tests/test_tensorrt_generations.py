@@ -103,6 +103,33 @@ def test_build_follows_the_api_generation(golden_export, tmp_path, monkeypatch, 
             assert et == (onnx.TensorProto.FLOAT16 if kv else onnx.TensorProto.FLOAT), name
 
 
+def test_typed_copy_loads_the_weights_once(golden_export, tmp_path, monkeypatch):
+    """The fp16 typed copy of a graph with external data (a 7B llm: ~26 GB of fp32 weights) reads those weights
+    once: converted in memory and written once, its external data under the copy's own name."""
+    from segllm_edge.export.files import data_file
+    from segllm_edge.export.tensorrt.typed_graph import typed_graph
+
+    src = tmp_path / "export" / "llm.onnx"
+    src.parent.mkdir()
+    onnx.save_model(onnx.load(str(golden_export / "llm.onnx")), str(src), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=data_file(src).name, size_threshold=0)
+    real_load, full_loads = onnx.load, []
+
+    def counting_load(f, *args, **kwargs):
+        if kwargs.get("load_external_data", True):
+            full_loads.append(str(f))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "load", counting_load)
+    plan = B.GraphPlan("llm", src, "fp16", (), [], fp32_nodes=set(), kv_dtype="HALF")
+    dst = typed_graph(plan, tmp_path / "engines")
+    assert full_loads == [str(src)], full_loads
+    assert dst == tmp_path / "engines" / "typed" / "llm.fp16.onnx" and data_file(dst).is_file()
+    typed = real_load(str(dst))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in typed.graph.initializer)
+    assert data_file(src).is_file() and real_load(str(src)).graph.initializer[0].data_type == onnx.TensorProto.FLOAT
+
+
 def test_bf16_on_tensorrt11_needs_a_typed_graph(golden_export, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt11([]))
     monkeypatch.setattr(C, "current_device", lambda device_index=0: TRT11)
@@ -133,28 +160,63 @@ def test_print_trtexec_for_both_generations(golden_export, monkeypatch):
     assert "typed/llm.fp16.onnx" in llm
 
 
-def test_check_only_uses_the_tensorrt_parser_when_importable(golden_export, monkeypatch):
-    trt = make_fake_tensorrt([])
+def _parser_of(trt, generation: str):
+    """The stand-in's parser with the support check of one TensorRT release only (the real API of each: 10.0
+    ``supports_model`` -> (ok, [(nodes, ok), ...]); 10.1+ ``supports_model_v2`` and the subgraph getters; a parser
+    with neither answers through ``parse`` and its errors). seg_head is 'unsupported' in nodes 3 and 4."""
+    base = trt.OnnxParser
 
-    class Parser(trt.OnnxParser):
-        num_subgraphs = 1
+    class Error:
+        def __str__(self):
+            return "In node 3 (Einsum): UNSUPPORTED_NODE"
 
-        def supports_model_v2(self, model, path):
-            self.bad = path.endswith("seg_head.onnx")
-            return not self.bad
+    if generation == "10.0":
+        class Parser(base):
+            def supports_model(self, model, path):
+                assert isinstance(model, bytes) and path.endswith(".onnx")
+                bad = path.endswith("seg_head.onnx")
+                return (not bad, [([0, 1, 2], True), ([3, 4], not bad)])
+    elif generation == "parse":
+        class Parser(base):
+            def parse(self, model, path):
+                self.num_errors = int(path.endswith("seg_head.onnx"))
+                return not self.num_errors
 
-        def is_subgraph_supported(self, i):
-            return not self.bad
+            def get_error(self, i):
+                return Error()
+    else:
+        class Parser(base):
+            num_subgraphs = 1
 
-        def get_subgraph_nodes(self, i):
-            return [3, 4]
+            def supports_model_v2(self, model, path):
+                self.bad = path.endswith("seg_head.onnx")
+                return not self.bad
 
-    trt.OnnxParser = Parser
+            def is_subgraph_supported(self, i):
+                return not self.bad
+
+            def get_subgraph_nodes(self, i):
+                return [3, 4]
+    return Parser
+
+
+@pytest.mark.parametrize("generation", ["10.0", "10.1", "11", "parse"])
+def test_check_only_uses_the_tensorrt_parser_when_importable(golden_export, monkeypatch, generation):
+    """--check-only asks TensorRT's parser with the check the installed release has: ``supports_model`` on 10.0
+    (no ``supports_model_v2`` there), ``supports_model_v2`` on 10.1+, on a strongly typed network on 11."""
+    if generation == "11":
+        trt = fake_trt11([])
+    else:
+        trt = make_fake_tensorrt([])
+        trt.__version__ = {"10.0": "10.0.1.6"}.get(generation, trt.__version__)
+    trt.OnnxParser = _parser_of(trt, generation)
     args = ["build-engines", "--export", str(golden_export), "--graph", "seg_head", "--graph", "llm", "--check-only"]
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     res = CliRunner().invoke(main, args)
-    assert res.exit_code == 1
-    assert "seg_head        TensorRT parser: subgraph 0 (2 node(s)" in res.output
+    assert res.exit_code == 1, res.output
+    want = "In node 3 (Einsum)" if generation == "parse" else "subgraph 1 (2 node(s)" if generation == "10.0" \
+        else "subgraph 0 (2 node(s)"
+    assert f"seg_head        TensorRT parser: {want}" in res.output, res.output
     assert "llm             TensorRT parser" not in res.output
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     res = CliRunner().invoke(main, args)

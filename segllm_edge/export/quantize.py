@@ -37,10 +37,12 @@ def _require_onnxruntime():
     return require_onnxruntime()
 
 
-def to_fp16(path: Path, keep_fp32_io: bool | list[str] = True, keep_fp32_nodes: list[str] | None = None) -> None:
+def to_fp16(path: Path, keep_fp32_io: bool | list[str] = True, keep_fp32_nodes: list[str] | None = None,
+            dst: Path | None = None) -> None:
     """fp16 weights and compute, norms/softmax/RoPE kept fp32 (Cast nodes around them). ``keep_fp32_io``: True
     keeps every graph input and output fp32, a list keeps those named (the others become fp16);
-    ``keep_fp32_nodes``: node names kept fp32 as well."""
+    ``keep_fp32_nodes``: node names kept fp32 as well. Written over ``path``, or to ``dst`` (with its external
+    data under its own name when ``path`` has external data): the graph is loaded once either way."""
     _require_onnxruntime()
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -48,7 +50,7 @@ def to_fp16(path: Path, keep_fp32_io: bool | list[str] = True, keep_fp32_nodes: 
     m = onnx.load(str(path))
     m16 = convert_float_to_float16(m, keep_io_types=keep_fp32_io, op_block_list=FP16_KEEP_FP32_OPS,
                                    node_block_list=keep_fp32_nodes, disable_shape_infer=True)
-    save_graph(m16, path, has_external_data(path))
+    save_graph(m16, Path(dst or path), has_external_data(path))
 
 
 def to_int8(path: Path) -> None:

@@ -2,8 +2,14 @@
 
 Same Backend protocol as :class:`~segllm_edge.runtime.ort_backend.OrtBackend` (one method per
 manifest graph), with the data kept on the GPU: every engine reads and writes torch CUDA tensors
-(``set_tensor_address`` on their ``data_ptr``) on torch's current stream, so the stages chain without
-host round trips and torch's caching allocator serves the I/O buffers.
+(``set_tensor_address`` on their ``data_ptr``), so the stages chain without host round trips and torch's
+caching allocator serves the I/O buffers.
+
+Stream. Every engine runs on one CUDA stream the backend creates (``enqueueV3`` on the legacy default
+stream makes TensorRT add a ``cudaStreamSynchronize`` around each call and warns about it); each protocol
+method makes that stream wait for the caller's current stream, runs its torch ops and engines on it, and
+makes the caller's stream wait for it before returning, so callers see their results in order on their own
+stream.
 
 KV cache (:class:`TrtKVCache`). The ``llm`` graph takes the past keys/values and returns
 ``present = concat(past, new)``. The cache holds two preallocated device pools (capacity in tokens,
@@ -32,6 +38,7 @@ module with a stand-in ``tensorrt`` module that executes the ONNX graphs with on
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -194,6 +201,7 @@ class _Engine:
                                f"lists {len(profiles)}; {REBUILD_HINT}")
         self._profile = 0
         self._dummy = None  # address for zero-sized tensors (TensorRT wants a non-null pointer)
+        self.stream = None  # the backend's own CUDA stream (set by TrtBackend); None: torch's current one
 
     # -- shapes and profiles
     def axis_values(self, feeds: dict) -> dict[str, int]:
@@ -209,6 +217,8 @@ class _Engine:
         return max(highs) if highs else None
 
     def _stream(self) -> int:
+        if self.stream is not None:
+            return int(self.stream.cuda_stream)
         return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
 
     def _address(self, t: torch.Tensor) -> int:
@@ -219,7 +229,8 @@ class _Engine:
         return t.data_ptr()
 
     def run(self, feeds: dict, out: dict | None = None) -> dict[str, torch.Tensor]:
-        """Execute on torch's current stream; ``out`` supplies output buffers (e.g. KV cache views)."""
+        """Execute on the backend's stream (see the module's docstring); ``out`` supplies output buffers (e.g. KV
+        cache views)."""
         if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
             with torch.cuda.device(self.device):
                 return self._run(feeds, out)
@@ -283,6 +294,22 @@ class _Engine:
 
 
 # ------------------------------------------------------------------------------------------ backend
+def _on_own_stream(method):
+    """Run a protocol method on the backend's stream, ordered after the caller's stream and before it."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        own = self.stream
+        if own is None or self.device.type != "cuda":
+            return method(self, *args, **kwargs)
+        caller = torch.cuda.current_stream(self.device)
+        own.wait_stream(caller)              # inputs the caller produced on its stream
+        with torch.cuda.stream(own):
+            out = method(self, *args, **kwargs)
+        caller.wait_stream(own)              # the caller reads the results on its stream
+        return out
+    return wrapper
+
+
 class TrtBackend:
     name = "tensorrt"
 
@@ -297,6 +324,9 @@ class TrtBackend:
         self.device = torch.device(device)
         self.engines_dir = engines_dir
         self._runtime = runtime  # engines must not outlive their runtime
+        self.stream = None
+        if self.device.type == "cuda":
+            self.use_stream(torch.cuda.Stream(self.device))
         self.precision = engines["llm"].meta["precision"] if "llm" in engines else manifest.precision
         self._past, self._present = kv_names(self.info.num_layers)
         llm = engines["llm"]
@@ -408,6 +438,12 @@ class TrtBackend:
         """A session's numpy input (or a tensor) on this backend's device."""
         return torch.as_tensor(t).to(self.device, dtype=dtype or torch.float32)
 
+    def use_stream(self, stream) -> None:
+        """Run every engine on ``stream`` (a ``torch.cuda.Stream``; the backend makes its own by default)."""
+        self.stream = stream
+        for engine in self.engines.values():
+            engine.stream = stream
+
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -417,10 +453,12 @@ class TrtBackend:
         rows = np.asarray(self.embed[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
         return torch.from_numpy(rows).to(self.device)
 
+    @_on_own_stream
     def encode_image(self, pixels):
         g = self.engines["vision_encoder"]
         return g.run_rows({"pixel_values": self._dev(pixels)}, "batch")["image_tokens"].float()
 
+    @_on_own_stream
     def encode_masks(self, crops, boxes):
         g = self.engines["mask_encoder"]
         return g.run_rows({"crops": self._dev(crops), "boxes": self._dev(boxes)}, "masks")["mask_tokens"].float()
@@ -454,6 +492,7 @@ class TrtBackend:
         cache.commit(total)
         return out["hidden_states"]
 
+    @_on_own_stream
     def llm(self, embeds, cache: TrtKVCache | None):
         x = torch.as_tensor(embeds).to(self.device, self._embed_dtype).contiguous()
         if x.dim() != 3 or x.shape[0] != 1:
@@ -477,14 +516,17 @@ class TrtBackend:
             pos += step
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    @_on_own_stream
     def seg_head(self, hidden):
         return self.engines["seg_head"].run_rows({"hidden": self._dev(hidden)}, "n")["conditioning"]
 
+    @_on_own_stream
     def mask_backbone(self, image):
         g = self.engines["mask_backbone"]
         out = g.run({g.spec.inputs[0].name: self._dev(image)})
         return [out[t.name] for t in g.spec.outputs]
 
+    @_on_own_stream
     def mask_decode(self, features, cond):
         g = self.engines["mask_decoder"]
         feeds = {f"features.{i}": f for i, f in enumerate(features)}

@@ -33,6 +33,7 @@ from pathlib import Path
 from ...contracts.engines import BOS_PREFIX_FILE, DEFAULT_ENGINES_SUBDIR, STRONG, api_generation, require_tensorrt
 from ...contracts.precisions import ENGINE_PRECISIONS as PRECISIONS
 from ...errors import BackendError, CheckpointError
+from .bos_prefix import write_bos_prefix
 
 DEFORM_ATTN_MODES = ("gridsample", "plugin")
 DEFAULT_FP32_GRAPHS = ("mask_backbone", "mask_decoder")   # HIPIE: fp32 in the research code too
@@ -222,39 +223,6 @@ def plan_build(export_dir, precision: str = "fp16", options: BuildOptions | None
             notes.append(f"KV cache I/O {'bf16' if kv == 'BF16' else 'fp16'}")
         plans.append(GraphPlan(name, path, prec, tuple(flags), profiles[name], nodes, qdq, issues, notes, kv))
     return plans
-
-
-# ------------------------------------------------------------------------------------------ BOS prefix
-def write_bos_prefix(export_dir, out_path) -> Path:
-    """K/V and hidden state of the BOS token at position 0, computed with onnxruntime (CPU) from the ONNX
-    llm graph: the TensorRT backend starts every KV cache with them (``empty_past='bos_prefix'``)."""
-    import numpy as np
-
-    from ...pipeline.tokenizer import SegLLMTokenizer
-    from ...contracts.ort import require_onnxruntime
-    from ...contracts.manifest import Manifest, kv_names
-    from ...contracts.engines import file_sha256
-
-    folder = Path(export_dir)
-    man = Manifest.load(folder)
-    spec = man.graphs["llm"]
-    tok = SegLLMTokenizer.from_folder(folder / man.tokenizer_dir)
-    embed = np.load(folder / man.arrays["embed_tokens"], mmap_mode="r")
-    dt = {t.name: np.dtype(t.dtype) for t in spec.inputs}
-    past, present = kv_names(int(man.model["num_layers"]))
-    kvh, hd = int(man.model["num_kv_heads"]), int(man.model["head_dim"])
-    feeds = {"inputs_embeds": np.asarray(embed[[tok.bos_id]], dtype=dt["inputs_embeds"])[None]}
-    feeds.update({n: np.zeros((1, kvh, 0, hd), dtype=dt[n]) for n in past})
-    ort = require_onnxruntime()  # the BOS prefix is computed on the CPU, with either onnxruntime build
-    sess = ort.InferenceSession(str(folder / spec.file), providers=["CPUExecutionProvider"])
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, bos_id=np.int64(tok.bos_id), bos_embedding=feeds["inputs_embeds"][0, 0].astype(np.float32),
-             hidden_states=outs["hidden_states"].astype(np.float32),
-             onnx_sha256=np.array(file_sha256(folder / spec.file)),
-             **{n: outs[n].astype(np.float32) for n in present})
-    return out
 
 
 # ------------------------------------------------------------------------------------------- building

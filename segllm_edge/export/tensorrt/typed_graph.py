@@ -29,7 +29,6 @@ def typed_graph(plan, out_dir: Path) -> Path:
     ``out_dir/typed/``."""
     import onnx
 
-    from ..files import has_external_data, save_graph
     from ..quantize import to_fp16
 
     if plan.precision == "fp32" or plan.has_qdq:
@@ -54,7 +53,8 @@ def typed_graph(plan, out_dir: Path) -> Path:
     out = Path(out_dir) / TYPED_SUBDIR
     out.mkdir(parents=True, exist_ok=True)
     dst = out / f"{plan.graph}.fp16.onnx"
-    external = has_external_data(plan.onnx)
-    save_graph(onnx.load(str(plan.onnx)), dst, external)  # the copy's external data under its own name
-    to_fp16(dst, keep_fp32_io=keep, keep_fp32_nodes=sorted(plan.fp32_nodes))
+    del model
+    # one load of the fp32 graph with its weights (a 7B llm is ~26 GB): converted in memory, written once to the
+    # copy, whose external data goes under its own name
+    to_fp16(plan.onnx, keep_fp32_io=keep, keep_fp32_nodes=sorted(plan.fp32_nodes), dst=dst)
     return dst
