@@ -97,7 +97,7 @@ def _declares_bf16(session, output_names) -> bool:
         return False
     outs = get()
     wanted = None if output_names is None else set(output_names)
-    return any(o.type == "tensor(bfloat16)" for o in outs if wanted is None or o.name in wanted)
+    return any(getattr(o, "type", None) == "tensor(bfloat16)" for o in outs if wanted is None or o.name in wanted)
 
 
 def run(session, output_names, feeds, run_options=None) -> list[np.ndarray]:
