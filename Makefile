@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install system-deps demo test clean
+.PHONY: install system-deps demo test clean gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ system-deps:
 
 test: install system-deps
 	$(PY) -m pytest -q
+
+# Pillow wheels (CPython 3.10-3.13, x86_64, ~28 MB) for benchmarks/gpu/run.sh on a GPU machine that has no Pillow
+# and no network: carry .gpu-wheels/ along; the run's preflight installs the matching wheel from it
+gpu-wheels:
+	for v in 3.10 3.11 3.12 3.13; do $(PYTHON) -m pip download -q --only-binary=:all: --no-deps \
+	  --python-version $$v --platform manylinux_2_28_x86_64 pillow -d .gpu-wheels || exit 1; done
 
 clean:
 	rm -rf $(VENV) segllm-demo .pytest_cache

@@ -97,3 +97,63 @@ def test_bench_checkpoint_is_written_in_bf16(tmp_path):
         with safe_open(str(f), "pt") as st:
             dtypes |= {str(st.get_slice(k).get_dtype()) for k in st.keys() if "layers.0.mlp" in k}
     assert dtypes == {"BF16"}
+
+
+def test_preflight_reports_versions_and_the_llm_forward(tmp_path):
+    run = _module()
+    rep = run.preflight(set())
+    assert rep["missing"] == [] or all("triton" in m for m in rep["missing"]), rep["missing"]
+    assert rep["versions"]["torch"] and rep["versions"]["transformers"] and rep["versions"]["numpy"]
+    fwd = rep["llm_forward"]
+    assert fwd["cache_kwarg"] in ("cache", "past_key_values") and fwd["cache_kwarg"] in fwd["signature"]
+    # and the all-skipped run carries it into its results
+    out = tmp_path / "results"
+    r = _run("--skip-install", "--skip-fidelity", "--skip-kernels", "--skip-bench", "--out", str(out),
+             fake_gpu=True, tmp_path=tmp_path)
+    assert r.returncode == 0 and "gpu-check: preflight: python" in r.stdout and "KV cache goes in as" in r.stdout
+    (result,) = out.glob("*_gpu_NVIDIA-H200.json")
+    assert json.loads(result.read_text())["preflight"]["llm_forward"]["cache_kwarg"] == fwd["cache_kwarg"]
+
+
+def _as_if_cuda(run, monkeypatch):
+    monkeypatch.setattr(run, "gpu_info", lambda: {"name": "NVIDIA H100", "memory": "81559 MiB", "driver": "x",
+                                                  "count": 1})
+    monkeypatch.setattr(run, "_torch_cuda", lambda: (True, "torch (stand-in: CUDA)"))
+
+
+def test_preflight_stops_with_one_line_per_missing_need(tmp_path, monkeypatch, capsys):
+    run = _module()
+    _as_if_cuda(run, monkeypatch)
+    monkeypatch.setattr(run, "NEEDS", run.NEEDS + (("segllm_no_such_module", "the thing", ("kernels",)),))
+    out = tmp_path / "out"
+    assert run.main(["--skip-install", "--out", str(out)]) == run.EXIT_PREFLIGHT
+    err = capsys.readouterr().err
+    assert "gpu-check: STOP: segllm_no_such_module does not import" in err and "--skip-kernels" in err
+    assert "Traceback" not in err and not out.exists()            # stopped before any step
+    # skipping the step that needs it lets the run go on
+    assert not any("segllm_no_such_module" in m for m in run.preflight({"kernels"})["missing"])
+
+
+def test_preflight_stops_when_the_llm_takes_no_cache(monkeypatch):
+    run = _module()
+    monkeypatch.setattr(run, "llm_forward", lambda: {"signature": "(self, inputs_embeds, **kwargs)",
+                                                     "error": "LlamaModel.forward takes no KV-cache argument"})
+    rep = run.preflight(set())
+    assert any("KV cache cannot be passed" in m for m in rep["missing"])
+    assert not any("KV cache" in m for m in run.preflight({"fidelity", "bench"})["missing"])
+
+
+def test_preflight_installs_pillow_from_the_shipped_wheels(tmp_path, monkeypatch):
+    run = _module()
+    installed = []
+    real = run._version
+    monkeypatch.setattr(run, "_version", lambda m: None if m == "PIL" and not installed else real(m))
+    monkeypatch.setattr(run, "install_wheels", lambda d, package="pillow": installed.append(d) or "Successfully")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    rep = run.preflight({"kernels"}, wheels)
+    assert installed == [wheels] and rep["pillow_install"] == "Successfully" and rep["versions"]["PIL"]
+    assert rep["missing"] == []
+    installed.clear()
+    rep = run.preflight({"kernels"}, None)                          # no wheels: a clear line
+    assert any(m.startswith("PIL does not import") and "Pillow" in m for m in rep["missing"])

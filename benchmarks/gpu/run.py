@@ -1,5 +1,13 @@
 """The GPU check: one command for an NVIDIA machine with torch + CUDA and no network (``benchmarks/gpu/run.sh``).
 
+First a preflight (a few seconds, in this process): the versions of Python, torch, transformers, numpy, triton,
+onnxruntime, Pillow; the LLM's forward signature and the KV-cache argument the package will pass it; the imports
+each requested step needs. Anything missing stops the run there with one line saying what and how to fix it (exit
+5), instead of a step failing minutes in. Pillow (the image preprocessing) is not on every GPU machine:
+``make gpu-wheels`` downloads its wheels for CPython 3.10-3.13 into ``.gpu-wheels/`` (~28 MB, small enough to
+carry to a machine without network), and the preflight installs the matching one from there (``--wheels DIR``)
+when ``PIL`` does not import.
+
 Steps, each in its own process with a time cap, all within ``--budget-s`` (default 480 s = 8 minutes; a step
 that would not fit in what is left is skipped with a message):
 
@@ -15,12 +23,15 @@ that would not fit in what is left is skipped with a message):
 
 Results go to ``benchmarks/results/<stamp>_gpu_<gpu>.json`` (``--out DIR`` to change), named after the GPU
 nvidia-smi reports. Exit status: 0 every step that ran passed, 1 a step failed or timed out, 2 bad arguments,
-3 no NVIDIA GPU (no nvidia-smi or it lists none), 4 torch has no CUDA (when a step needs it).
+3 no NVIDIA GPU (no nvidia-smi or it lists none), 4 torch has no CUDA (when a step needs it), 5 the preflight found
+something missing.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib
+import inspect
 import json
 import os
 import re
@@ -37,7 +48,18 @@ STEPS = ("install", "fidelity", "kernels", "bench")
 #: seconds each step may take at most (its process is killed past it); a step starts only if it fits
 #: (they sum to 470 s: 10 s of the 480 s budget are left for this process itself: nvidia-smi, the steps' starts)
 STEP_CAP_S = {"install": 40, "fidelity": 80, "kernels": 60, "bench": 290}
-EXIT_FAILED, EXIT_USAGE, EXIT_NO_GPU, EXIT_NO_CUDA = 1, 2, 3, 4
+EXIT_FAILED, EXIT_USAGE, EXIT_NO_GPU, EXIT_NO_CUDA, EXIT_PREFLIGHT = 1, 2, 3, 4, 5
+#: what the GPU steps import: (module, what to install, the steps that need it)
+NEEDS = (("numpy", "numpy", ("fidelity", "kernels", "bench")),
+         ("torch", "a CUDA build of torch", ("fidelity", "kernels", "bench")),
+         ("transformers", "transformers>=5.0,<5.40", ("fidelity", "bench")),
+         ("safetensors", "safetensors", ("fidelity", "bench")),
+         ("PIL", "Pillow (make gpu-wheels; --wheels DIR)", ("fidelity", "bench")),
+         ("triton", "triton (OpenAI Triton, comes with CUDA torch)", ("kernels",)),
+         ("segllm_edge", "this checkout (on PYTHONPATH)", ("fidelity", "kernels", "bench")))
+#: reported when present, needed by no step (the GPU machine has no onnxruntime-gpu, no TensorRT)
+OPTIONAL = ("onnxruntime", "ml_dtypes", "tensorrt")
+WHEELS = ROOT / ".gpu-wheels"
 #: the full LLaVA-1.5-7B sizes (LLM) and CLIP ViT-L/14 (make-tiny-checkpoint flags)
 FULL_7B = dict(hidden=4096, heads=32, intermediate=11008, layers=32, clip_hidden=1024, clip_layers=24)
 
@@ -89,6 +111,93 @@ def golden_questions() -> tuple[str, ...]:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "GOLDEN_QUESTIONS" for t in node.targets):
             return tuple(ast.literal_eval(node.value))
     raise RuntimeError("tests/conftest.py defines no GOLDEN_QUESTIONS")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the preflight (in this process, a few seconds)
+# ----------------------------------------------------------------------------------------------------------
+def _version(module: str) -> str | None:
+    """The module's version, or None when it does not import (the import error is kept for the report)."""
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - a broken install is "missing" with its reason
+        _IMPORT_ERRORS[module] = f"{type(exc).__name__}: {exc}"[:300]
+        return None
+    return str(getattr(mod, "__version__", "?"))
+
+
+_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def install_wheels(wheels: Path, package: str = "pillow") -> str:
+    """``pip install --no-deps --no-index --find-links wheels package``: its last line, or why it failed."""
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--find-links", str(wheels), package]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    return ((r.stdout or r.stderr).strip().splitlines() or [""])[-1] if r.returncode == 0 else \
+        f"failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-300:]}"
+
+
+def llm_forward() -> dict:
+    """The installed transformers' LlamaModel.forward signature and the KV-cache argument the package passes."""
+    from transformers import LlamaModel
+
+    from segllm_edge.errors import BackendError
+    from segllm_edge.modeling.llm import cache_kwarg
+
+    out = {"signature": str(inspect.signature(LlamaModel.forward))}
+    try:
+        out["cache_kwarg"] = cache_kwarg(LlamaModel)
+    except BackendError as exc:
+        out["error"] = str(exc)
+    return out
+
+
+def preflight(skips: set[str], wheels: Path | None = None) -> dict:
+    """Versions, the LLM forward, and what the requested steps need but cannot import: ``{"versions",
+    "llm_forward", "missing": [line, ...], "seconds"}``."""
+    t0 = time.perf_counter()
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    steps = [s for s in STEPS if s not in skips and s != "install"]
+    report: dict = {"python": sys.version.split()[0], "versions": {}, "missing": []}
+    for module, _, _ in NEEDS:
+        report["versions"][module] = _version(module)
+    if report["versions"].get("PIL") is None and wheels is not None and wheels.is_dir() \
+            and any(s in steps for s in ("fidelity", "bench")):
+        report["pillow_install"] = install_wheels(wheels)
+        importlib.invalidate_caches()
+        _IMPORT_ERRORS.pop("PIL", None)
+        report["versions"]["PIL"] = _version("PIL")
+    for module in OPTIONAL:
+        report["versions"][module] = _version(module)
+    for module, hint, users in NEEDS:
+        need = [s for s in users if s in steps]
+        if need and report["versions"][module] is None:
+            why = _IMPORT_ERRORS.get(module, "")
+            report["missing"].append(f"{module} does not import{f' ({why})' if why else ''}; needed by {', '.join(need)}: install {hint}, "
+                                     f"or pass {' '.join('--skip-' + s for s in need)}")
+    if report["versions"].get("transformers") and report["versions"].get("segllm_edge"):
+        try:
+            report["llm_forward"] = llm_forward()
+        except Exception as exc:  # noqa: BLE001
+            report["llm_forward"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        if "error" in report["llm_forward"] and any(s in steps for s in ("fidelity", "bench")):
+            report["missing"].append(f"the LLM's KV cache cannot be passed: {report['llm_forward']['error']}")
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def print_preflight(rep: dict) -> None:
+    v = rep["versions"]
+    print("gpu-check: preflight: python " + rep["python"] + ", "
+          + ", ".join(f"{k} {v[k] or 'MISSING'}" for k in v if v[k] is not None or k not in OPTIONAL)
+          + f" ({rep['seconds']:.1f} s)")
+    if "pillow_install" in rep:
+        print(f"gpu-check: preflight: Pillow from the shipped wheels: {rep['pillow_install']}")
+    fwd = rep.get("llm_forward")
+    if fwd:
+        print(f"gpu-check: preflight: LlamaModel.forward{fwd.get('signature', '')}")
+        print(f"gpu-check: preflight: the KV cache goes in as {fwd.get('cache_kwarg') or fwd.get('error')!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,6 +410,8 @@ def parse_args(argv):
     ap.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time budget (default 480)")
     for s in STEPS:
         ap.add_argument(f"--skip-{s}", action="store_true", help=f"do not run the {s} step")
+    ap.add_argument("--wheels", type=Path, default=WHEELS,
+                    help="wheels to install Pillow from when it is missing (default .gpu-wheels, see make gpu-wheels)")
     ap.add_argument("--layers", type=int, default=32, help="LLM layers of the bench checkpoint (default 32: 7B)")
     ap.add_argument("--rounds", type=int, default=12, help="rounds per benchmark conversation")
     ap.add_argument("--repeats", type=int, default=2, help="benchmark repeats per mode")
@@ -335,6 +446,12 @@ def main(argv=None) -> int:
               "--skip-bench", file=sys.stderr)
         return EXIT_NO_CUDA
     print(f"gpu-check: {cuda_msg}")
+    pre = preflight(skips, a.wheels)
+    print_preflight(pre)
+    if pre["missing"]:
+        for line in pre["missing"]:
+            print(f"gpu-check: STOP: {line}", file=sys.stderr)
+        return EXIT_PREFLIGHT
     a.out.mkdir(parents=True, exist_ok=True)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="segllm-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -364,7 +481,7 @@ def main(argv=None) -> int:
               + (f" -- {rec['message'][:300]}" if rec.get("message") else ""), flush=True)
     if a.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
-    report = {"gpu": gpu, "torch": cuda_msg, "budget_s": a.budget_s, "total_s": round(time.monotonic() - t_start, 1),
+    report = {"gpu": gpu, "torch": cuda_msg, "preflight": pre, "budget_s": a.budget_s, "total_s": round(time.monotonic() - t_start, 1),
               "steps": steps, "python": sys.version.split()[0], "note": "measured by benchmarks/gpu/run.sh"}
     path = a.out / f"{time.strftime('%Y%m%d-%H%M%S')}_gpu_{slug(gpu['name'])}.json"
     path.write_text(json.dumps(report, indent=1, default=str))
