@@ -157,3 +157,31 @@ def test_preflight_installs_pillow_from_the_shipped_wheels(tmp_path, monkeypatch
     installed.clear()
     rep = run.preflight({"kernels"}, None)                          # no wheels: a clear line
     assert any(m.startswith("PIL does not import") and "Pillow" in m for m in rep["missing"])
+
+
+def test_kernel_step_cases_run_hipie_queries_and_an_empty_mask(tmp_path):
+    """The kernels step's cases: the decoder at HIPIE's real 110 queries (the kernel's (16, 2) launch
+    configuration), and the post-process comparison (the step's own function) on the golden logits and on an
+    empty mask, here through the Triton interpreter on the CPU."""
+    pytest.importorskip("triton")
+    code = f"""
+import json, sys
+import numpy as np, torch
+sys.path.insert(0, {str(ROOT / 'benchmarks' / 'gpu')!r})
+import run
+from segllm_edge.kernels.deform_attn import _launch_config
+dec = [c for c in run.DEFORM_CASES if c[0].startswith("decoder")]
+launch = [list(_launch_config(lq, getattr(torch, dt))) for _, lq, dt, _ in dec]
+logits = torch.from_numpy(np.load(run.GOLDEN / "postprocess_cases.npz")["r1/logits"])
+recs = [run.compare_postprocess(lg, (768, 1024), (48, 64), timed=False, block_y=64, block_x=256)
+        for lg in (logits, torch.full_like(logits, -1.0))]
+print(json.dumps({{"lq": [c[1] for c in dec], "launch": launch, "recs": recs}}))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["lq"] == [110, 110] and got["launch"] == [[16, 2], [16, 2]]
+    full, empty = got["recs"]
+    assert full["passed"] and not full["empty"]
+    assert empty["passed"] and empty["empty"] and empty["mask_box"] == [-1, -1, -1, -1]

@@ -16,7 +16,8 @@ that would not fit in what is left is skipped with a message):
 2. ``fidelity`` -- the golden checkpoint (rebuilt from tests/golden) loaded with ``backend="cuda"``, the golden
    3-round conversation against the research code's outputs (mask IoU, winning query, logits, box);
 3. ``kernels``  -- the OpenAI-Triton kernels (segllm_edge/kernels) against their PyTorch references on the GPU,
-   at HIPIE's sizes, with the time of each side by side;
+   at HIPIE's sizes (the encoder's 21,760 queries, the decoder's real 110 queries: the (16, 2) launch
+   configuration), the post-process on the golden logits and on an empty mask, with the time of each side by side;
 4. ``bench``    -- a random checkpoint of the full LLaVA-7B size built here (``make-tiny-checkpoint --hidden 4096
    --heads 32 --intermediate 11008 --layers 32 --clip-hidden 1024 --clip-layers 24 --dtype bf16``), loaded in bf16 on the
    GPU, and the per-round benchmark (segllm_edge.bench: caching vs recompute, interleaved).
@@ -272,25 +273,55 @@ def _cuda_ms(fn, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+#: the deformable-attention cases: HIPIE-R50's encoder (every pixel of its 4 levels a query) and its decoder's
+#: real 110 queries (10 background + 100 foreground), which is what selects the kernel's small-block launch
+#: configuration (BLOCK_Q, num_warps) = (16, 2) (kernels/deform_attn._launch_config: lq < 256)
+HIPIE_LEVELS_1024 = ((128, 128), (64, 64), (32, 32), (16, 16))
+HIPIE_QUERIES = 110
+DEFORM_CASES = (("encoder", sum(h * w for h, w in HIPIE_LEVELS_1024), "float32", 1e-4),
+                ("decoder", HIPIE_QUERIES, "float32", 1e-4), ("decoder_fp16", HIPIE_QUERIES, "float16", 2e-2))
+
+
+def compare_postprocess(logits, input_hw, orig_hw, timed: bool = True, **blocks) -> dict:
+    """The fused post-process kernel against its reference on ``logits``' device: masks and box equal (pixels
+    whose upsampled logit is within 1e-5 of 0 may flip); an empty mask (box all -1) is a case like any other."""
+    import torch
+
+    from segllm_edge.kernels.mask_postprocess import postprocess_mask_triton
+    from segllm_edge.modeling.mask_postprocess import postprocess_mask as pp_ref
+    from segllm_edge.modeling.mask_postprocess import upsample_logits
+
+    got = postprocess_mask_triton(logits, input_hw, orig_hw, **blocks)
+    ref = pp_ref(logits, input_hw, orig_hw)
+    bad = got["model_mask"] != ref["model_mask"]
+    flips = int(bad.sum())
+    flips_ok = flips == 0 or float(upsample_logits(logits)[bad].abs().max()) < 1e-5
+    passed = bool(flips_ok and torch.equal(got["mask"], ref["mask"]) and torch.equal(got["mask_box"], ref["mask_box"]))
+    rec = {"input_hw": list(input_hw), "orig_hw": list(orig_hw), "flipped_pixels": flips,
+           "empty": not bool(ref["mask"].any()), "mask_box": ref["mask_box"].tolist(), "passed": passed}
+    if timed:
+        t_tri = _cuda_ms(lambda: postprocess_mask_triton(logits, input_hw, orig_hw, **blocks))
+        t_ref = _cuda_ms(lambda: pp_ref(logits, input_hw, orig_hw))
+        rec.update(triton_ms=t_tri, torch_ms=t_ref, torch_over_triton=t_ref / t_tri)
+    return rec
+
+
 def step_kernels(work: Path) -> dict:
     import numpy as np
     import torch
 
     import segllm_edge.kernels as K
-    from segllm_edge.kernels.deform_attn import ms_deform_attn_triton
-    from segllm_edge.kernels.mask_postprocess import postprocess_mask_triton
+    from segllm_edge.kernels.deform_attn import _launch_config, ms_deform_attn_triton
     from segllm_edge.modeling.hipie.deform_attn import ms_deform_attn as deform_ref
-    from segllm_edge.modeling.mask_postprocess import postprocess_mask as pp_ref
-    from segllm_edge.modeling.mask_postprocess import upsample_logits
 
     if not K.available():
         raise RuntimeError("segllm_edge.kernels.available() is False: triton does not import or sees no GPU")
     dev = torch.device("cuda")
-    shapes = [(128, 128), (64, 64), (32, 32), (16, 16)]          # HIPIE-R50's levels at 1024 input
+    shapes = [tuple(s) for s in HIPIE_LEVELS_1024]
     out, ok = {"deform_attn": [], "postprocess_mask": []}, True
     g = torch.Generator(device="cpu").manual_seed(0)
-    for name, lq, dtype, tol in (("encoder", sum(h * w for h, w in shapes), torch.float32, 1e-4),
-                                 ("decoder", 300, torch.float32, 1e-4), ("decoder_fp16", 300, torch.float16, 2e-2)):
+    for name, lq, dtype_name, tol in DEFORM_CASES:
+        dtype = getattr(torch, dtype_name)
         m, d, p = 8, 32, 4
         value = torch.randn(1, sum(h * w for h, w in shapes), m, d, generator=g).to(dev, dtype)
         loc = (torch.rand(1, lq, m, len(shapes), p, 2, generator=g) * 1.4 - 0.2).to(dev, dtype)
@@ -304,23 +335,18 @@ def step_kernels(work: Path) -> dict:
         t_ref = _cuda_ms(lambda: deform_ref(vf, shapes, lf, af))
         passed = err <= tol
         ok &= passed
-        out["deform_attn"].append({"case": name, "lq": lq, "dtype": str(dtype), "rel_err": err, "tol": tol,
+        out["deform_attn"].append({"case": name, "lq": lq, "dtype": str(dtype), "launch": _launch_config(lq, dtype),
+                                   "rel_err": err, "tol": tol,
                                    "triton_ms": t_tri, "torch_ms": t_ref, "torch_over_triton": t_ref / t_tri,
                                    "passed": passed})
     data = np.load(GOLDEN / "postprocess_cases.npz")
     logits = torch.from_numpy(data["r1/logits"]).to(dev)
-    for input_hw, orig_hw in (((768, 1024), (480, 640)), ((1024, 683), (1536, 1024))):
-        got = postprocess_mask_triton(logits, input_hw, orig_hw)
-        ref = pp_ref(logits, input_hw, orig_hw)
-        bad = got["model_mask"] != ref["model_mask"]
-        flips_ok = (not bool(bad.any())) or float(upsample_logits(logits)[bad].abs().max()) < 1e-5
-        passed = flips_ok and torch.equal(got["mask"], ref["mask"]) and torch.equal(got["mask_box"], ref["mask_box"])
-        ok &= passed
-        t_tri = _cuda_ms(lambda: postprocess_mask_triton(logits, input_hw, orig_hw))
-        t_ref = _cuda_ms(lambda: pp_ref(logits, input_hw, orig_hw))
-        out["postprocess_mask"].append({"input_hw": input_hw, "orig_hw": orig_hw, "flipped_pixels": int(bad.sum()),
-                                        "triton_ms": t_tri, "torch_ms": t_ref, "torch_over_triton": t_ref / t_tri,
-                                        "passed": passed})
+    empty = torch.full_like(logits, -1.0)              # no pixel above 0: an empty mask, box all -1
+    for lg, input_hw, orig_hw in ((logits, (768, 1024), (480, 640)), (logits, (1024, 683), (1536, 1024)),
+                                  (empty, (768, 1024), (480, 640))):
+        rec = compare_postprocess(lg, input_hw, orig_hw)
+        ok &= rec["passed"]
+        out["postprocess_mask"].append(rec)
     if not ok:
         raise AssertionError(f"a Triton kernel differs from its reference on the GPU: {out}")
     return out
