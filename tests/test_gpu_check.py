@@ -55,14 +55,14 @@ def test_gpu_but_no_torch_cuda_exits_4(tmp_path):
 
 def test_all_gpu_steps_skipped_writes_results_named_after_the_gpu(tmp_path):
     out = tmp_path / "results"
-    r = _run("--skip-install", "--skip-fidelity", "--skip-kernels", "--skip-bench", "--out", str(out),
+    r = _run("--skip-install", "--skip-fidelity", "--skip-kernels", "--skip-kvcopy", "--skip-bench", "--out", str(out),
              fake_gpu=True, tmp_path=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     (result,) = out.glob("*_gpu_NVIDIA-H200.json")
     report = json.loads(result.read_text())
     assert report["gpu"]["name"] == "NVIDIA H200" and report["gpu"]["memory"] == "143771 MiB"
     assert {k: v["status"] for k, v in report["steps"].items()} == dict.fromkeys(
-        ("install", "fidelity", "kernels", "bench"), "skipped")
+        ("install", "fidelity", "kernels", "kvcopy", "bench"), "skipped")
     assert "--skip-bench" in report["steps"]["bench"]["message"]
 
 
@@ -81,7 +81,8 @@ def test_budget_plan_skips_what_would_not_fit():
     assert not ok and "budget" in why and f"may take {run.STEP_CAP_S['bench']} s" in why
     assert run.plan({"kernels"}, 480, 0, "kernels")[:2] == (False, "skipped (--skip-kernels)")
     assert sum(run.STEP_CAP_S.values()) <= 480              # every step fits the 8 minutes together
-    assert not run.needs_cuda({"fidelity", "kernels", "bench"}) and run.needs_cuda({"install"})
+    assert not run.needs_cuda({"fidelity", "kernels", "kvcopy", "bench"}) and run.needs_cuda({"install"})
+    assert run.needs_cuda({"fidelity", "kernels", "bench"})          # the KV copy step needs CUDA too
     assert run.golden_questions()[0] == "Segment the red circle."
 
 
@@ -108,7 +109,7 @@ def test_preflight_reports_versions_and_the_llm_forward(tmp_path):
     assert fwd["cache_kwarg"] in ("cache", "past_key_values") and fwd["cache_kwarg"] in fwd["signature"]
     # and the all-skipped run carries it into its results
     out = tmp_path / "results"
-    r = _run("--skip-install", "--skip-fidelity", "--skip-kernels", "--skip-bench", "--out", str(out),
+    r = _run("--skip-install", "--skip-fidelity", "--skip-kernels", "--skip-kvcopy", "--skip-bench", "--out", str(out),
              fake_gpu=True, tmp_path=tmp_path)
     assert r.returncode == 0 and "gpu-check: preflight: python" in r.stdout and "KV cache goes in as" in r.stdout
     (result,) = out.glob("*_gpu_NVIDIA-H200.json")
@@ -185,3 +186,9 @@ print(json.dumps({{"lq": [c[1] for c in dec], "launch": launch, "recs": recs}}))
     full, empty = got["recs"]
     assert full["passed"] and not full["empty"]
     assert empty["passed"] and empty["empty"] and empty["mask_box"] == [-1, -1, -1, -1]
+
+
+def test_kv_copy_step_measures_the_7b_cache_at_three_lengths():
+    run = _module()
+    assert run.kv_bytes_per_token() == 2**19                           # 0.5 MiB per token, 7B in bf16
+    assert run.KV_TOKENS == (256, 1024, 2048) and "kvcopy" in run.STEPS and "kvcopy" in run.STEP_CAP_S

@@ -18,7 +18,9 @@ that would not fit in what is left is skipped with a message):
 3. ``kernels``  -- the OpenAI-Triton kernels (segllm_edge/kernels) against their PyTorch references on the GPU,
    at HIPIE's sizes (the encoder's 21,760 queries, the decoder's real 110 queries: the (16, 2) launch
    configuration), the post-process on the golden logits and on an empty mask, with the time of each side by side;
-4. ``bench``    -- a random checkpoint of the full LLaVA-7B size built here (``make-tiny-checkpoint --hidden 4096
+4. ``kvcopy``   -- what a host-side KV cache costs per round: host→device and device→host copies of the 7B
+   bf16 cache (0.5 MiB per token) at 256 / 1,024 / 2,048 tokens, from pageable and from pinned host memory;
+5. ``bench``    -- a random checkpoint of the full LLaVA-7B size built here (``make-tiny-checkpoint --hidden 4096
    --heads 32 --intermediate 11008 --layers 32 --clip-hidden 1024 --clip-layers 24 --dtype bf16``), loaded in bf16 on the
    GPU, and the per-round benchmark (segllm_edge.bench: caching vs recompute, interleaved).
 
@@ -45,14 +47,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
-STEPS = ("install", "fidelity", "kernels", "bench")
+STEPS = ("install", "fidelity", "kernels", "kvcopy", "bench")
 #: seconds each step may take at most (its process is killed past it); a step starts only if it fits
-#: (they sum to 470 s: 10 s of the 480 s budget are left for this process itself: nvidia-smi, the steps' starts)
-STEP_CAP_S = {"install": 40, "fidelity": 80, "kernels": 60, "bench": 290}
+#: (they sum to 475 s: 5 s of the 480 s budget are left for this process itself: nvidia-smi, the preflight; the
+#: kvcopy step moves ~7 GiB in all, a few seconds at PCIe rates, plus CUDA's start)
+STEP_CAP_S = {"install": 35, "fidelity": 80, "kernels": 60, "kvcopy": 15, "bench": 285}
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_GPU, EXIT_NO_CUDA, EXIT_PREFLIGHT = 1, 2, 3, 4, 5
 #: what the GPU steps import: (module, what to install, the steps that need it)
 NEEDS = (("numpy", "numpy", ("fidelity", "kernels", "bench")),
-         ("torch", "a CUDA build of torch", ("fidelity", "kernels", "bench")),
+         ("torch", "a CUDA build of torch", ("fidelity", "kernels", "kvcopy", "bench")),
          ("transformers", "transformers>=5.0,<5.40", ("fidelity", "bench")),
          ("safetensors", "safetensors", ("fidelity", "bench")),
          ("PIL", "Pillow (make gpu-wheels; --wheels DIR)", ("fidelity", "bench")),
@@ -80,7 +83,7 @@ def plan(skips: set[str], budget_s: float, elapsed_s: float, step: str) -> tuple
 
 
 def needs_cuda(skips: set[str]) -> bool:
-    return any(s not in skips for s in ("fidelity", "kernels", "bench"))
+    return any(s not in skips for s in ("fidelity", "kernels", "kvcopy", "bench"))
 
 
 def gpu_info(nvidia_smi: str | None = None) -> dict | None:
@@ -352,6 +355,37 @@ def step_kernels(work: Path) -> dict:
     return out
 
 
+#: the conversation lengths the KV copy step measures
+KV_TOKENS = (256, 1024, 2048)
+
+
+def kv_bytes_per_token(layers: int = FULL_7B["layers"], hidden: int = FULL_7B["hidden"], itemsize: int = 2) -> int:
+    """Key + value of every layer for one token (7B, bf16: 2 x 32 x 4096 x 2 B = 0.5 MiB)."""
+    return 2 * layers * hidden * itemsize
+
+
+def step_kvcopy(work: Path, layers: int = FULL_7B["layers"], **_) -> dict:
+    import torch
+
+    per_token = kv_bytes_per_token(layers)
+    cases = []
+    for tokens in KV_TOKENS:
+        nbytes = tokens * per_token
+        dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        for kind in ("pageable", "pinned"):
+            host = torch.ones(nbytes, dtype=torch.uint8).pin_memory() if kind == "pinned" else \
+                torch.ones(nbytes, dtype=torch.uint8)
+            h2d = _cuda_ms(lambda: dev.copy_(host, non_blocking=True), repeats=5)
+            d2h = _cuda_ms(lambda: host.copy_(dev, non_blocking=True), repeats=5)
+            cases.append({"tokens": tokens, "bytes": nbytes, "host": kind, "h2d_ms": h2d, "d2h_ms": d2h,
+                          "h2d_gb_s": nbytes / h2d / 1e6, "d2h_gb_s": nbytes / d2h / 1e6,
+                          "round_trip_ms": h2d + d2h})
+            del host
+        del dev
+    return {"bytes_per_token": per_token, "layers": layers, "cases": cases,
+            "note": "a HostKVCache round moves the whole past to the device and the whole present back"}
+
+
 def build_bench_checkpoint(ck: Path, sizes: dict) -> Path:
     """The bench's random checkpoint, written in bf16 as the released ones are (fp32 at 32 layers is ~26 GB
     to draw and write; bf16 half that, and the model is loaded in bf16 anyway)."""
@@ -397,13 +431,14 @@ def step_bench(work: Path, layers: int = 32, rounds: int = 12, repeats: int = 2)
     return report
 
 
-STEP_FUNCS = {"install": step_install, "fidelity": step_fidelity, "kernels": step_kernels, "bench": step_bench}
+STEP_FUNCS = {"install": step_install, "fidelity": step_fidelity, "kernels": step_kernels, "kvcopy": step_kvcopy,
+              "bench": step_bench}
 
 
 def _child(step: str, work: Path, result: Path, extra: dict) -> int:
     t0 = time.perf_counter()
     try:
-        out = STEP_FUNCS[step](work, **extra) if step == "bench" else STEP_FUNCS[step](work)
+        out = STEP_FUNCS[step](work, **extra) if step in ("bench", "kvcopy") else STEP_FUNCS[step](work)
         rec = {"status": "passed", "result": out}
     except ModuleNotFoundError as exc:
         rec = {"status": "failed", "message": f"this Python lacks the module {exc.name!r} ({exc})"}
@@ -469,7 +504,7 @@ def main(argv=None) -> int:
     cuda_ok, cuda_msg = _torch_cuda() if needs_cuda(skips) else (True, "not needed (every GPU step skipped)")
     if not cuda_ok:
         print(f"gpu-check: {cuda_msg}; install a CUDA build of torch, or pass --skip-fidelity --skip-kernels "
-              "--skip-bench", file=sys.stderr)
+              "--skip-kvcopy --skip-bench", file=sys.stderr)
         return EXIT_NO_CUDA
     print(f"gpu-check: {cuda_msg}")
     pre = preflight(skips, a.wheels)
