@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install system-deps demo test test-numpy2 clean
+.PHONY: install system-deps demo test test-numpy2 clean gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -41,7 +41,7 @@ NUMPY2_PY    := $(NUMPY2_VENV)/bin/python
 NUMPY2_TESTS := tests/test_numpy2.py tests/test_export.py tests/test_cpu_paths.py tests/test_pipeline_numpy.py \
                 tests/test_shared_weights.py tests/test_kv_inplace.py tests/test_images.py \
                 tests/test_mask_postprocess.py tests/test_eval_metrics.py tests/test_session_errors.py \
-                tests/test_web.py tests/test_torch_free.py
+                tests/test_web.py tests/test_torch_free.py tests/test_bf16_feeds.py tests/test_llm_cache.py
 
 $(NUMPY2_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(NUMPY2_VENV)
@@ -53,6 +53,12 @@ $(NUMPY2_VENV)/.installed: pyproject.toml Makefile
 
 test-numpy2: install system-deps $(NUMPY2_VENV)/.installed
 	SEGLLM_SERVE_PYTHON=$(abspath $(PY)) $(NUMPY2_PY) -m pytest -q -p no:cacheprovider $(NUMPY2_TESTS)
+
+# Pillow wheels (CPython 3.10-3.13, x86_64, ~28 MB) for benchmarks/gpu/run.sh on a GPU machine that has no Pillow
+# and no network: carry .gpu-wheels/ along; the run's preflight installs the matching wheel from it
+gpu-wheels:
+	for v in 3.10 3.11 3.12 3.13; do $(PYTHON) -m pip download -q --only-binary=:all: --no-deps \
+	  --python-version $$v --platform manylinux_2_28_x86_64 pillow -d .gpu-wheels || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(NUMPY2_VENV) segllm-demo .pytest_cache

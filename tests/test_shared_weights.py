@@ -98,3 +98,130 @@ def test_kv_cache_bound_to_the_device_matches_the_host_cache(golden_export):
     emb = rng.standard_normal((1, 2, H)).astype(np.float32)
     np.testing.assert_allclose(bound.llm(emb, cb), host.llm(emb, ch), rtol=1e-5, atol=1e-5)
     assert "llm" in bound.local_ms and cb.length == 9
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# add_initializer takes only an OrtValue that does not own its buffer (onnxruntime's SessionOptions::AddInitializer:
+# "Buffer containing the initializer must be owned by the user"); ortvalue_from_numpy(arr, "cuda", 0) of
+# onnxruntime-gpu is a device copy the OrtValue owns.
+
+def _two_graphs_sharing_a_weight(tmp_path):
+    """Two tiny graphs ``y = x @ W (+ b)`` holding the same 32x64 fp32 ``W`` (8 KiB, stored raw)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
+    files = {}
+    for g, extra in (("a", False), ("b", True)):
+        nodes = [helper.make_node("MatMul", ["x", f"W_{g}"], ["m" if extra else "y"])]
+        inits = [numpy_helper.from_array(w, f"W_{g}")]
+        if extra:
+            nodes.append(helper.make_node("Add", ["m", "bias"], ["y"]))
+            inits.append(numpy_helper.from_array(np.ones(64, np.float32), "bias"))
+        graph = helper.make_graph(nodes, g, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        files[g] = tmp_path / f"{g}.onnx"
+        onnx.save(model, str(files[g]))
+    return files, w
+
+
+class _OwnedDeviceCopyOrtValue:
+    """STAND-IN for onnxruntime-gpu's ``OrtValue`` (this machine has no CUDA build): ``ortvalue_from_numpy(arr,
+    "cuda", id)`` returns what the CUDA build returns, a copy the OrtValue *owns* (here in host memory, made with
+    the real ``ortvalue_from_shape_and_type`` + ``update_inplace``); everything else is the real OrtValue. The
+    rejection of such a value is the real ``SessionOptions.add_initializer``'s, not mirrored."""
+
+    def __init__(self, ort):
+        self._ort = ort
+        self.copies = []
+
+    def ortvalue_from_numpy(self, arr, device_type="cpu", device_id=0):
+        if device_type == "cpu":
+            return self._ort.OrtValue.ortvalue_from_numpy(arr)
+        v = self._ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype.type, "cpu", 0)
+        v.update_inplace(np.ascontiguousarray(arr))
+        self.copies.append(v)
+        return v
+
+    def __getattr__(self, name):
+        return getattr(self._ort.OrtValue, name)
+
+
+@pytest.fixture
+def cuda_standin(monkeypatch):
+    """onnxruntime with the stand-in OrtValue above (and CUDA listed as available), for the package's code."""
+    import types
+
+    import onnxruntime as ort
+
+    from segllm_edge.contracts import ort as ortc
+
+    fake = types.SimpleNamespace(**{k: getattr(ort, k) for k in dir(ort) if not k.startswith("__")})
+    fake.__version__ = ort.__version__
+    fake.OrtValue = _OwnedDeviceCopyOrtValue(ort)
+    fake.get_available_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ortc, "require_onnxruntime", lambda: fake)
+    return fake
+
+
+def test_an_owned_ortvalue_is_refused_by_the_real_add_initializer():
+    """What the CUDA path did (an OrtValue owning its buffer), reproduced on the CPU build: the real refusal."""
+    import onnxruntime as ort
+
+    owned = ort.OrtValue.ortvalue_from_shape_and_type([4, 1024], np.float32, "cpu", 0)
+    with pytest.raises(Exception, match="must be owned by the user"):
+        ort.SessionOptions().add_initializer("w", owned)
+
+
+def test_user_owned_view_on_a_device_is_accepted_and_views_the_one_copy(cuda_standin):
+    import onnxruntime as ort
+
+    from segllm_edge.runtime.ort_values import user_owned_view
+
+    arr = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    with pytest.raises(Exception, match="must be owned by the user"):       # the old call, on the stand-in
+        ort.SessionOptions().add_initializer("w", cuda_standin.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
+    view = user_owned_view(arr, ("cuda", 0))
+    ort.SessionOptions().add_initializer("w", view)                         # accepted
+    copy = cuda_standin.OrtValue.copies[-1]
+    assert view.data_ptr() == copy.data_ptr() != arr.ctypes.data            # a view of the one device copy
+    del copy
+    cuda_standin.OrtValue.copies.clear()
+    np.testing.assert_array_equal(view.numpy(), arr)                        # the capsule keeps the copy alive
+
+
+def test_cuda_sessions_get_initializers_add_initializer_accepts(cuda_standin, monkeypatch, tmp_path):
+    """open_sessions_sharing_weights on a CUDA provider list: every shared initializer goes through the real
+    add_initializer (the sessions themselves, which need a GPU, are not opened)."""
+    import onnxruntime as ort
+
+    from segllm_edge.contracts import ort as ortc
+    from segllm_edge.runtime.shared_weights import open_sessions_sharing_weights
+
+    files, w = _two_graphs_sharing_a_weight(tmp_path)
+    opened = {}
+    monkeypatch.setattr(ortc, "open_session", lambda f, o, p, g: opened.setdefault(g, (o, p)))
+    providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    sessions, sw = open_sessions_sharing_weights(files, ort.SessionOptions, providers)
+    assert set(opened) == {"a", "b"} and sw.groups == 1 and sw.per_graph == {"a": 1, "b": 1}
+    assert len(cuda_standin.OrtValue.copies) == 1                            # one device copy for both sessions
+    assert sw.values[0].data_ptr() == cuda_standin.OrtValue.copies[0].data_ptr()
+    np.testing.assert_array_equal(sw.values[0].numpy(), w)
+
+
+def test_cpu_sessions_still_share_the_mapped_weight(tmp_path):
+    """On the CPU the shared initializer is a view of the one host array (the mapped file bytes, or their aligned
+    copy), under both sessions."""
+    import onnxruntime as ort
+
+    from segllm_edge.runtime.shared_weights import open_sessions_sharing_weights
+
+    files, w = _two_graphs_sharing_a_weight(tmp_path)
+    sessions, sw = open_sessions_sharing_weights(files, ort.SessionOptions, ["CPUExecutionProvider"])
+    assert sw.groups == 1 and sw.shared_bytes == w.nbytes
+    assert sw.values[0].data_ptr() == sw.arrays[0].ctypes.data                 # no copy of its own
+    x = np.random.default_rng(1).standard_normal((1, 32)).astype(np.float32)
+    np.testing.assert_allclose(sessions["a"].run(None, {"x": x})[0], x @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sessions["b"].run(None, {"x": x})[0], x @ w + 1, rtol=1e-5, atol=1e-5)

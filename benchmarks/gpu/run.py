@@ -1,5 +1,13 @@
 """The GPU check: one command for an NVIDIA machine with torch + CUDA and no network (``benchmarks/gpu/run.sh``).
 
+First a preflight (a few seconds, in this process): the versions of Python, torch, transformers, numpy, triton,
+onnxruntime, Pillow; the LLM's forward signature and the KV-cache argument the package will pass it; the imports
+each requested step needs. Anything missing stops the run there with one line saying what and how to fix it (exit
+5), instead of a step failing minutes in. Pillow (the image preprocessing) is not on every GPU machine:
+``make gpu-wheels`` downloads its wheels for CPython 3.10-3.13 into ``.gpu-wheels/`` (~28 MB, small enough to
+carry to a machine without network), and the preflight installs the matching one from there (``--wheels DIR``)
+when ``PIL`` does not import.
+
 Steps, each in its own process with a time cap, all within ``--budget-s`` (default 480 s = 8 minutes; a step
 that would not fit in what is left is skipped with a message):
 
@@ -8,19 +16,25 @@ that would not fit in what is left is skipped with a message):
 2. ``fidelity`` -- the golden checkpoint (rebuilt from tests/golden) loaded with ``backend="cuda"``, the golden
    3-round conversation against the research code's outputs (mask IoU, winning query, logits, box);
 3. ``kernels``  -- the OpenAI-Triton kernels (segllm_edge/kernels) against their PyTorch references on the GPU,
-   at HIPIE's sizes, with the time of each side by side;
-4. ``bench``    -- a random checkpoint of the full LLaVA-7B size built here (``make-tiny-checkpoint --hidden 4096
+   at HIPIE's sizes (the encoder's 21,760 queries, the decoder's real 110 queries: the (16, 2) launch
+   configuration), the post-process on the golden logits and on an empty mask, with the time of each side by side;
+4. ``kvcopy``   -- what a host-side KV cache costs per round: host→device and device→host copies of the 7B
+   bf16 cache (0.5 MiB per token) at 256 / 1,024 / 2,048 tokens, from pageable and from pinned host memory;
+5. ``bench``    -- a random checkpoint of the full LLaVA-7B size built here (``make-tiny-checkpoint --hidden 4096
    --heads 32 --intermediate 11008 --layers 32 --clip-hidden 1024 --clip-layers 24 --dtype bf16``), loaded in bf16 on the
    GPU, and the per-round benchmark (segllm_edge.bench: caching vs recompute, interleaved).
 
 Results go to ``benchmarks/results/<stamp>_gpu_<gpu>.json`` (``--out DIR`` to change), named after the GPU
 nvidia-smi reports. Exit status: 0 every step that ran passed, 1 a step failed or timed out, 2 bad arguments,
-3 no NVIDIA GPU (no nvidia-smi or it lists none), 4 torch has no CUDA (when a step needs it).
+3 no NVIDIA GPU (no nvidia-smi or it lists none), 4 torch has no CUDA (when a step needs it), 5 the preflight found
+something missing.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib
+import inspect
 import json
 import os
 import re
@@ -33,11 +47,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
-STEPS = ("install", "fidelity", "kernels", "bench")
+STEPS = ("install", "fidelity", "kernels", "kvcopy", "bench")
 #: seconds each step may take at most (its process is killed past it); a step starts only if it fits
-#: (they sum to 470 s: 10 s of the 480 s budget are left for this process itself: nvidia-smi, the steps' starts)
-STEP_CAP_S = {"install": 40, "fidelity": 80, "kernels": 60, "bench": 290}
-EXIT_FAILED, EXIT_USAGE, EXIT_NO_GPU, EXIT_NO_CUDA = 1, 2, 3, 4
+#: (they sum to 475 s: 5 s of the 480 s budget are left for this process itself: nvidia-smi, the preflight; the
+#: kvcopy step moves ~7 GiB in all, a few seconds at PCIe rates, plus CUDA's start)
+STEP_CAP_S = {"install": 35, "fidelity": 80, "kernels": 60, "kvcopy": 15, "bench": 285}
+EXIT_FAILED, EXIT_USAGE, EXIT_NO_GPU, EXIT_NO_CUDA, EXIT_PREFLIGHT = 1, 2, 3, 4, 5
+#: what the GPU steps import: (module, what to install, the steps that need it)
+NEEDS = (("numpy", "numpy", ("fidelity", "kernels", "bench")),
+         ("torch", "a CUDA build of torch", ("fidelity", "kernels", "kvcopy", "bench")),
+         ("transformers", "transformers>=5.0,<5.40", ("fidelity", "bench")),
+         ("safetensors", "safetensors", ("fidelity", "bench")),
+         ("PIL", "Pillow (make gpu-wheels; --wheels DIR)", ("fidelity", "bench")),
+         ("triton", "triton (OpenAI Triton, comes with CUDA torch)", ("kernels",)),
+         ("segllm_edge", "this checkout (on PYTHONPATH)", ("fidelity", "kernels", "bench")))
+#: reported when present, needed by no step (the GPU machine has no onnxruntime-gpu, no TensorRT)
+OPTIONAL = ("onnxruntime", "ml_dtypes", "tensorrt")
+WHEELS = ROOT / ".gpu-wheels"
 #: the full LLaVA-1.5-7B sizes (LLM) and CLIP ViT-L/14 (make-tiny-checkpoint flags)
 FULL_7B = dict(hidden=4096, heads=32, intermediate=11008, layers=32, clip_hidden=1024, clip_layers=24)
 
@@ -57,7 +83,7 @@ def plan(skips: set[str], budget_s: float, elapsed_s: float, step: str) -> tuple
 
 
 def needs_cuda(skips: set[str]) -> bool:
-    return any(s not in skips for s in ("fidelity", "kernels", "bench"))
+    return any(s not in skips for s in ("fidelity", "kernels", "kvcopy", "bench"))
 
 
 def gpu_info(nvidia_smi: str | None = None) -> dict | None:
@@ -89,6 +115,93 @@ def golden_questions() -> tuple[str, ...]:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "GOLDEN_QUESTIONS" for t in node.targets):
             return tuple(ast.literal_eval(node.value))
     raise RuntimeError("tests/conftest.py defines no GOLDEN_QUESTIONS")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the preflight (in this process, a few seconds)
+# ----------------------------------------------------------------------------------------------------------
+def _version(module: str) -> str | None:
+    """The module's version, or None when it does not import (the import error is kept for the report)."""
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - a broken install is "missing" with its reason
+        _IMPORT_ERRORS[module] = f"{type(exc).__name__}: {exc}"[:300]
+        return None
+    return str(getattr(mod, "__version__", "?"))
+
+
+_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def install_wheels(wheels: Path, package: str = "pillow") -> str:
+    """``pip install --no-deps --no-index --find-links wheels package``: its last line, or why it failed."""
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--find-links", str(wheels), package]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    return ((r.stdout or r.stderr).strip().splitlines() or [""])[-1] if r.returncode == 0 else \
+        f"failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-300:]}"
+
+
+def llm_forward() -> dict:
+    """The installed transformers' LlamaModel.forward signature and the KV-cache argument the package passes."""
+    from transformers import LlamaModel
+
+    from segllm_edge.errors import BackendError
+    from segllm_edge.modeling.llm import cache_kwarg
+
+    out = {"signature": str(inspect.signature(LlamaModel.forward))}
+    try:
+        out["cache_kwarg"] = cache_kwarg(LlamaModel)
+    except BackendError as exc:
+        out["error"] = str(exc)
+    return out
+
+
+def preflight(skips: set[str], wheels: Path | None = None) -> dict:
+    """Versions, the LLM forward, and what the requested steps need but cannot import: ``{"versions",
+    "llm_forward", "missing": [line, ...], "seconds"}``."""
+    t0 = time.perf_counter()
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    steps = [s for s in STEPS if s not in skips and s != "install"]
+    report: dict = {"python": sys.version.split()[0], "versions": {}, "missing": []}
+    for module, _, _ in NEEDS:
+        report["versions"][module] = _version(module)
+    if report["versions"].get("PIL") is None and wheels is not None and wheels.is_dir() \
+            and any(s in steps for s in ("fidelity", "bench")):
+        report["pillow_install"] = install_wheels(wheels)
+        importlib.invalidate_caches()
+        _IMPORT_ERRORS.pop("PIL", None)
+        report["versions"]["PIL"] = _version("PIL")
+    for module in OPTIONAL:
+        report["versions"][module] = _version(module)
+    for module, hint, users in NEEDS:
+        need = [s for s in users if s in steps]
+        if need and report["versions"][module] is None:
+            why = _IMPORT_ERRORS.get(module, "")
+            report["missing"].append(f"{module} does not import{f' ({why})' if why else ''}; needed by {', '.join(need)}: install {hint}, "
+                                     f"or pass {' '.join('--skip-' + s for s in need)}")
+    if report["versions"].get("transformers") and report["versions"].get("segllm_edge"):
+        try:
+            report["llm_forward"] = llm_forward()
+        except Exception as exc:  # noqa: BLE001
+            report["llm_forward"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        if "error" in report["llm_forward"] and any(s in steps for s in ("fidelity", "bench")):
+            report["missing"].append(f"the LLM's KV cache cannot be passed: {report['llm_forward']['error']}")
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def print_preflight(rep: dict) -> None:
+    v = rep["versions"]
+    print("gpu-check: preflight: python " + rep["python"] + ", "
+          + ", ".join(f"{k} {v[k] or 'MISSING'}" for k in v if v[k] is not None or k not in OPTIONAL)
+          + f" ({rep['seconds']:.1f} s)")
+    if "pillow_install" in rep:
+        print(f"gpu-check: preflight: Pillow from the shipped wheels: {rep['pillow_install']}")
+    fwd = rep.get("llm_forward")
+    if fwd:
+        print(f"gpu-check: preflight: LlamaModel.forward{fwd.get('signature', '')}")
+        print(f"gpu-check: preflight: the KV cache goes in as {fwd.get('cache_kwarg') or fwd.get('error')!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,25 +276,55 @@ def _cuda_ms(fn, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+#: the deformable-attention cases: HIPIE-R50's encoder (every pixel of its 4 levels a query) and its decoder's
+#: real 110 queries (10 background + 100 foreground), which is what selects the kernel's small-block launch
+#: configuration (BLOCK_Q, num_warps) = (16, 2) (kernels/deform_attn._launch_config: lq < 256)
+HIPIE_LEVELS_1024 = ((128, 128), (64, 64), (32, 32), (16, 16))
+HIPIE_QUERIES = 110
+DEFORM_CASES = (("encoder", sum(h * w for h, w in HIPIE_LEVELS_1024), "float32", 1e-4),
+                ("decoder", HIPIE_QUERIES, "float32", 1e-4), ("decoder_fp16", HIPIE_QUERIES, "float16", 2e-2))
+
+
+def compare_postprocess(logits, input_hw, orig_hw, timed: bool = True, **blocks) -> dict:
+    """The fused post-process kernel against its reference on ``logits``' device: masks and box equal (pixels
+    whose upsampled logit is within 1e-5 of 0 may flip); an empty mask (box all -1) is a case like any other."""
+    import torch
+
+    from segllm_edge.kernels.mask_postprocess import postprocess_mask_triton
+    from segllm_edge.modeling.mask_postprocess import postprocess_mask as pp_ref
+    from segllm_edge.modeling.mask_postprocess import upsample_logits
+
+    got = postprocess_mask_triton(logits, input_hw, orig_hw, **blocks)
+    ref = pp_ref(logits, input_hw, orig_hw)
+    bad = got["model_mask"] != ref["model_mask"]
+    flips = int(bad.sum())
+    flips_ok = flips == 0 or float(upsample_logits(logits)[bad].abs().max()) < 1e-5
+    passed = bool(flips_ok and torch.equal(got["mask"], ref["mask"]) and torch.equal(got["mask_box"], ref["mask_box"]))
+    rec = {"input_hw": list(input_hw), "orig_hw": list(orig_hw), "flipped_pixels": flips,
+           "empty": not bool(ref["mask"].any()), "mask_box": ref["mask_box"].tolist(), "passed": passed}
+    if timed:
+        t_tri = _cuda_ms(lambda: postprocess_mask_triton(logits, input_hw, orig_hw, **blocks))
+        t_ref = _cuda_ms(lambda: pp_ref(logits, input_hw, orig_hw))
+        rec.update(triton_ms=t_tri, torch_ms=t_ref, torch_over_triton=t_ref / t_tri)
+    return rec
+
+
 def step_kernels(work: Path) -> dict:
     import numpy as np
     import torch
 
     import segllm_edge.kernels as K
-    from segllm_edge.kernels.deform_attn import ms_deform_attn_triton
-    from segllm_edge.kernels.mask_postprocess import postprocess_mask_triton
+    from segllm_edge.kernels.deform_attn import _launch_config, ms_deform_attn_triton
     from segllm_edge.modeling.hipie.deform_attn import ms_deform_attn as deform_ref
-    from segllm_edge.modeling.mask_postprocess import postprocess_mask as pp_ref
-    from segllm_edge.modeling.mask_postprocess import upsample_logits
 
     if not K.available():
         raise RuntimeError("segllm_edge.kernels.available() is False: triton does not import or sees no GPU")
     dev = torch.device("cuda")
-    shapes = [(128, 128), (64, 64), (32, 32), (16, 16)]          # HIPIE-R50's levels at 1024 input
+    shapes = [tuple(s) for s in HIPIE_LEVELS_1024]
     out, ok = {"deform_attn": [], "postprocess_mask": []}, True
     g = torch.Generator(device="cpu").manual_seed(0)
-    for name, lq, dtype, tol in (("encoder", sum(h * w for h, w in shapes), torch.float32, 1e-4),
-                                 ("decoder", 300, torch.float32, 1e-4), ("decoder_fp16", 300, torch.float16, 2e-2)):
+    for name, lq, dtype_name, tol in DEFORM_CASES:
+        dtype = getattr(torch, dtype_name)
         m, d, p = 8, 32, 4
         value = torch.randn(1, sum(h * w for h, w in shapes), m, d, generator=g).to(dev, dtype)
         loc = (torch.rand(1, lq, m, len(shapes), p, 2, generator=g) * 1.4 - 0.2).to(dev, dtype)
@@ -195,26 +338,52 @@ def step_kernels(work: Path) -> dict:
         t_ref = _cuda_ms(lambda: deform_ref(vf, shapes, lf, af))
         passed = err <= tol
         ok &= passed
-        out["deform_attn"].append({"case": name, "lq": lq, "dtype": str(dtype), "rel_err": err, "tol": tol,
+        out["deform_attn"].append({"case": name, "lq": lq, "dtype": str(dtype), "launch": _launch_config(lq, dtype),
+                                   "rel_err": err, "tol": tol,
                                    "triton_ms": t_tri, "torch_ms": t_ref, "torch_over_triton": t_ref / t_tri,
                                    "passed": passed})
     data = np.load(GOLDEN / "postprocess_cases.npz")
     logits = torch.from_numpy(data["r1/logits"]).to(dev)
-    for input_hw, orig_hw in (((768, 1024), (480, 640)), ((1024, 683), (1536, 1024))):
-        got = postprocess_mask_triton(logits, input_hw, orig_hw)
-        ref = pp_ref(logits, input_hw, orig_hw)
-        bad = got["model_mask"] != ref["model_mask"]
-        flips_ok = (not bool(bad.any())) or float(upsample_logits(logits)[bad].abs().max()) < 1e-5
-        passed = flips_ok and torch.equal(got["mask"], ref["mask"]) and torch.equal(got["mask_box"], ref["mask_box"])
-        ok &= passed
-        t_tri = _cuda_ms(lambda: postprocess_mask_triton(logits, input_hw, orig_hw))
-        t_ref = _cuda_ms(lambda: pp_ref(logits, input_hw, orig_hw))
-        out["postprocess_mask"].append({"input_hw": input_hw, "orig_hw": orig_hw, "flipped_pixels": int(bad.sum()),
-                                        "triton_ms": t_tri, "torch_ms": t_ref, "torch_over_triton": t_ref / t_tri,
-                                        "passed": passed})
+    empty = torch.full_like(logits, -1.0)              # no pixel above 0: an empty mask, box all -1
+    for lg, input_hw, orig_hw in ((logits, (768, 1024), (480, 640)), (logits, (1024, 683), (1536, 1024)),
+                                  (empty, (768, 1024), (480, 640))):
+        rec = compare_postprocess(lg, input_hw, orig_hw)
+        ok &= rec["passed"]
+        out["postprocess_mask"].append(rec)
     if not ok:
         raise AssertionError(f"a Triton kernel differs from its reference on the GPU: {out}")
     return out
+
+
+#: the conversation lengths the KV copy step measures
+KV_TOKENS = (256, 1024, 2048)
+
+
+def kv_bytes_per_token(layers: int = FULL_7B["layers"], hidden: int = FULL_7B["hidden"], itemsize: int = 2) -> int:
+    """Key + value of every layer for one token (7B, bf16: 2 x 32 x 4096 x 2 B = 0.5 MiB)."""
+    return 2 * layers * hidden * itemsize
+
+
+def step_kvcopy(work: Path, layers: int = FULL_7B["layers"], **_) -> dict:
+    import torch
+
+    per_token = kv_bytes_per_token(layers)
+    cases = []
+    for tokens in KV_TOKENS:
+        nbytes = tokens * per_token
+        dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        for kind in ("pageable", "pinned"):
+            host = torch.ones(nbytes, dtype=torch.uint8).pin_memory() if kind == "pinned" else \
+                torch.ones(nbytes, dtype=torch.uint8)
+            h2d = _cuda_ms(lambda: dev.copy_(host, non_blocking=True), repeats=5)
+            d2h = _cuda_ms(lambda: host.copy_(dev, non_blocking=True), repeats=5)
+            cases.append({"tokens": tokens, "bytes": nbytes, "host": kind, "h2d_ms": h2d, "d2h_ms": d2h,
+                          "h2d_gb_s": nbytes / h2d / 1e6, "d2h_gb_s": nbytes / d2h / 1e6,
+                          "round_trip_ms": h2d + d2h})
+            del host
+        del dev
+    return {"bytes_per_token": per_token, "layers": layers, "cases": cases,
+            "note": "a HostKVCache round moves the whole past to the device and the whole present back"}
 
 
 def build_bench_checkpoint(ck: Path, sizes: dict) -> Path:
@@ -262,13 +431,14 @@ def step_bench(work: Path, layers: int = 32, rounds: int = 12, repeats: int = 2)
     return report
 
 
-STEP_FUNCS = {"install": step_install, "fidelity": step_fidelity, "kernels": step_kernels, "bench": step_bench}
+STEP_FUNCS = {"install": step_install, "fidelity": step_fidelity, "kernels": step_kernels, "kvcopy": step_kvcopy,
+              "bench": step_bench}
 
 
 def _child(step: str, work: Path, result: Path, extra: dict) -> int:
     t0 = time.perf_counter()
     try:
-        out = STEP_FUNCS[step](work, **extra) if step == "bench" else STEP_FUNCS[step](work)
+        out = STEP_FUNCS[step](work, **extra) if step in ("bench", "kvcopy") else STEP_FUNCS[step](work)
         rec = {"status": "passed", "result": out}
     except ModuleNotFoundError as exc:
         rec = {"status": "failed", "message": f"this Python lacks the module {exc.name!r} ({exc})"}
@@ -301,6 +471,8 @@ def parse_args(argv):
     ap.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time budget (default 480)")
     for s in STEPS:
         ap.add_argument(f"--skip-{s}", action="store_true", help=f"do not run the {s} step")
+    ap.add_argument("--wheels", type=Path, default=WHEELS,
+                    help="wheels to install Pillow from when it is missing (default .gpu-wheels, see make gpu-wheels)")
     ap.add_argument("--layers", type=int, default=32, help="LLM layers of the bench checkpoint (default 32: 7B)")
     ap.add_argument("--rounds", type=int, default=12, help="rounds per benchmark conversation")
     ap.add_argument("--repeats", type=int, default=2, help="benchmark repeats per mode")
@@ -332,9 +504,15 @@ def main(argv=None) -> int:
     cuda_ok, cuda_msg = _torch_cuda() if needs_cuda(skips) else (True, "not needed (every GPU step skipped)")
     if not cuda_ok:
         print(f"gpu-check: {cuda_msg}; install a CUDA build of torch, or pass --skip-fidelity --skip-kernels "
-              "--skip-bench", file=sys.stderr)
+              "--skip-kvcopy --skip-bench", file=sys.stderr)
         return EXIT_NO_CUDA
     print(f"gpu-check: {cuda_msg}")
+    pre = preflight(skips, a.wheels)
+    print_preflight(pre)
+    if pre["missing"]:
+        for line in pre["missing"]:
+            print(f"gpu-check: STOP: {line}", file=sys.stderr)
+        return EXIT_PREFLIGHT
     a.out.mkdir(parents=True, exist_ok=True)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="segllm-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -364,7 +542,7 @@ def main(argv=None) -> int:
               + (f" -- {rec['message'][:300]}" if rec.get("message") else ""), flush=True)
     if a.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
-    report = {"gpu": gpu, "torch": cuda_msg, "budget_s": a.budget_s, "total_s": round(time.monotonic() - t_start, 1),
+    report = {"gpu": gpu, "torch": cuda_msg, "preflight": pre, "budget_s": a.budget_s, "total_s": round(time.monotonic() - t_start, 1),
               "steps": steps, "python": sys.version.split()[0], "note": "measured by benchmarks/gpu/run.sh"}
     path = a.out / f"{time.strftime('%Y%m%d-%H%M%S')}_gpu_{slug(gpu['name'])}.json"
     path.write_text(json.dumps(report, indent=1, default=str))

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..modeling.llm import run_decoder
 from ..modeling.segllm import SegLLMModel
 
 
@@ -39,7 +40,7 @@ class LLMGraph(nn.Module):
             cache.update(k, v, i)
         past_len = past[0][0].shape[2]
         positions = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len).unsqueeze(0)
-        h = self.llm.model(inputs_embeds=inputs_embeds, cache=cache, position_ids=positions, use_cache=True).last_hidden_state
+        h = run_decoder(self.llm.model, inputs_embeds, cache, positions).last_hidden_state
         presents = []
         for i in range(len(past)):
             presents += [cache.layers[i].keys, cache.layers[i].values]

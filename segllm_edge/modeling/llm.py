@@ -1,9 +1,42 @@
 """The LLM: transformers' Llama taking ``inputs_embeds``, returning final-norm hidden states and its KV cache."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
+
+from ..errors import BackendError
+
+# What the decoder's forward calls its KV-cache argument, newest name first: transformers renames
+# ``past_key_values`` to ``cache`` (5.25 has ``cache``; 5.0 and 5.17 only ``past_key_values``). A name the
+# installed forward does not declare would land in its ``**kwargs`` and be dropped without a word, so the
+# name is read off the signature, never guessed.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_kwarg(decoder: nn.Module | type) -> str:
+    """The name under which ``decoder``'s forward (an instance or its class) takes the KV cache;
+    :class:`BackendError` if it takes none."""
+    cls = decoder if isinstance(decoder, type) else type(decoder)
+    params = inspect.signature(cls.forward).parameters
+    for name in CACHE_KWARGS:
+        p = params.get(name)
+        if p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            return name
+    import transformers
+
+    raise BackendError(
+        f"{cls.__name__}.forward of transformers {transformers.__version__} takes no KV-cache argument "
+        f"(none of {', '.join(CACHE_KWARGS)}); the installed transformers is not one this package supports")
+
+
+def run_decoder(decoder: nn.Module, inputs_embeds: torch.Tensor, cache, position_ids: torch.Tensor,
+                use_cache: bool = True):
+    """Call transformers' decoder (``LlamaModel``) with ``cache`` passed under the name its forward declares."""
+    return decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=use_cache,
+                   **{cache_kwarg(decoder): cache})
 
 
 def llama_config(cfg: dict, attn_implementation: str = "sdpa") -> LlamaConfig:
@@ -53,10 +86,4 @@ class LanguageModel(nn.Module):
         """
         past = cache.get_seq_length() if cache is not None else 0
         positions = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
-        out = self.model(
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            position_ids=positions,
-            use_cache=cache is not None,
-        )
-        return out.last_hidden_state
+        return run_decoder(self.model, inputs_embeds, cache, positions, use_cache=cache is not None).last_hidden_state

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..contracts import ort as ortc
+from .ort_values import bind_cpu_input, to_numpy, to_ortvalue
 
 
 class OrtValueKVCache:
     """Per-layer key/value OrtValues on ``device`` (``(device_type, device_id)``)."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype=np.float32, device=("cpu", 0)):
-        self.ort = ortc.require_onnxruntime()
         self.device = (str(device[0]), int(device[1]))
         self.dtype = np.dtype(dtype)
         empty = np.zeros((1, kv_heads, 0, head_dim), dtype=self.dtype)
-        self.values = [self.ort.OrtValue.ortvalue_from_numpy(empty, *self.device) for _ in range(2 * layers)]
+        self.values = [to_ortvalue(empty, self.device) for _ in range(2 * layers)]
 
     @property
     def length(self) -> int:
@@ -32,8 +31,7 @@ class OrtValueKVCache:
 
     def crop(self, length: int) -> None:
         if length < self.length:
-            self.values = [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]),
-                                                                 *self.device) for v in self.values]
+            self.values = [to_ortvalue(to_numpy(v)[:, :, :length], self.device) for v in self.values]
 
     def nbytes(self) -> int:
         return int(sum(int(np.prod(v.shape())) for v in self.values) * self.dtype.itemsize)
@@ -43,7 +41,7 @@ def run_llm_bound(session, embeds: np.ndarray, cache: OrtValueKVCache, embeds_na
                   hidden_name: str, present: list[str]) -> np.ndarray:
     """One llm call with the cache bound in place: returns the hidden states (host), ``cache`` grows."""
     io = session.io_binding()
-    io.bind_cpu_input(embeds_name, np.ascontiguousarray(embeds))
+    bind_cpu_input(io, embeds_name, embeds)
     for name, v in zip(past, cache.values):
         io.bind_ortvalue_input(name, v)
     io.bind_output(hidden_name, "cpu")
@@ -52,7 +50,7 @@ def run_llm_bound(session, embeds: np.ndarray, cache: OrtValueKVCache, embeds_na
     session.run_with_iobinding(io)
     out = io.get_outputs()
     cache.values = list(out[1:])
-    return out[0].numpy()
+    return to_numpy(out[0])
 
 
 __all__ = ["OrtValueKVCache", "run_llm_bound"]

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..contracts.manifest import PAST_LENGTH
 from ..errors import BackendError
+from .ort_values import bind_cpu_input, element_type, to_numpy, to_ortvalue
 
 #: capacity grows in multiples of this many tokens
 BLOCK = 256
@@ -87,7 +88,7 @@ class BufferKVCache:
         """The valid part of every buffer, ``(1, kv_heads, length, head_dim)`` (host views; device copies)."""
         if self.device is None:
             return [b[:, :, :self.length] for b in self.buffers]
-        return [v.numpy()[:, :, :self.length] for v in self.buffers]
+        return [to_numpy(v)[:, :, :self.length] for v in self.buffers]
 
     @property
     def arrays(self) -> list[np.ndarray]:    # the name HostKVCache has (tests, the TensorRT comparisons)
@@ -117,15 +118,12 @@ class BufferKVCache:
                     b[:, :, :n] = old[:, :, :n]
                 new.append(b)
         else:
-            from ..contracts import ort as ortc
-
-            ort = ortc.require_onnxruntime()
             new = []
             for old in self.buffers or [None] * (2 * self.layers):
                 host = np.zeros(shape, dtype=self.dtype)
                 if old is not None and n:
-                    host[:, :, :n] = old.numpy()[:, :, :n]
-                new.append(ort.OrtValue.ortvalue_from_numpy(host, *self.device))
+                    host[:, :, :n] = to_numpy(old)[:, :, :n]
+                new.append(to_ortvalue(host, self.device))
         self.buffers, self.capacity = new, grow
         self.grown += 1
 
@@ -134,7 +132,7 @@ class BufferKVCache:
         """Bind every past input and its present output to the same buffer."""
         for name_in, name_out, b in zip(past, present, self.buffers):
             if self.device is None:
-                shape, ptr, et = list(b.shape), int(b.ctypes.data), self.dtype.type
+                shape, ptr, et = list(b.shape), int(b.ctypes.data), element_type(self.dtype)
                 io.bind_input(name_in, "cpu", 0, et, shape, ptr)
                 io.bind_output(name_out, "cpu", 0, et, shape, ptr)
             else:
@@ -196,7 +194,7 @@ def run_llm_inplace(session, embeds: np.ndarray, cache: BufferKVCache, embeds_na
     new = int(embeds.shape[1])
     cache.reserve(cache.length + new)
     io = session.io_binding()
-    io.bind_cpu_input(embeds_name, embeds)
+    bind_cpu_input(io, embeds_name, embeds)
     io.bind_cpu_input(PAST_LENGTH, np.array([cache.length], dtype=np.int64))
     io.bind_output(hidden_name, "cpu")         # first: get_outputs() lists them in the order they were bound
     cache.bind(io, past, present)
@@ -207,7 +205,7 @@ def run_llm_inplace(session, embeds: np.ndarray, cache: BufferKVCache, embeds_na
     cache.length += new              # only once the run succeeded
     # a copy (one row block per new token): a view would keep the session's arena alive after the lean drift
     # probe closes the session (runtime/lean_sessions.OwnedOutputs)
-    return np.array(io.get_outputs()[0].numpy(), copy=True)
+    return np.array(to_numpy(io.get_outputs()[0]), copy=True)
 
 
 __all__ = ["BLOCK", "BufferKVCache", "MIN_ONNXRUNTIME", "check_onnxruntime_version", "host_buffer", "inplace_cache", "run_llm_inplace", "session_kv_device"]

@@ -36,6 +36,7 @@ from ..contracts.export_folder import ExportFolder, open_export
 from ..errors import BackendError
 from ..process_memory import release_memory
 from .ort_backend import OrtBackend, check_graph_inputs, check_precision_runs_on
+from .ort_values import run as run_session
 
 LEAN_BACKENDS = ("onnxruntime", "openvino")
 
@@ -90,7 +91,7 @@ class OwnedOutputs:
 
     def run(self, output_names, feeds, run_options=None):
         return [np.array(o, copy=True) if isinstance(o, np.ndarray) else o
-                for o in self.session.run(output_names, feeds, run_options)]
+                for o in run_session(self.session, output_names, feeds, run_options)]
 
     def __getattr__(self, name):
         return getattr(self.session, name)

@@ -15,6 +15,7 @@ from ..pipeline.tokenizer import SegLLMTokenizer
 from .arena import llm_run_options
 from .kv_buffer import inplace_cache, run_llm_inplace, session_kv_device
 from .kv_cache import HostKVCache
+from .ort_values import run as run_session
 from .shared_weights import CLIP_GRAPHS, open_sessions_sharing_weights
 
 
@@ -94,8 +95,7 @@ class OrtBackend:
     def _run(self, graph: str, feeds: dict[str, np.ndarray], run_options=None) -> list[np.ndarray]:
         dt = self._dtypes[graph]
         feeds = {k: np.ascontiguousarray(v, dtype=dt[k]) for k, v in feeds.items()}
-        sess = self.sessions[graph]
-        return sess.run(None, feeds) if run_options is None else sess.run(None, feeds, run_options)
+        return run_session(self.sessions[graph], None, feeds, run_options)    # bf16 feeds through OrtValues
 
     # ----------------------------------------------------------------- protocol
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:

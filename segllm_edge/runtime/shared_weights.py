@@ -25,6 +25,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import CheckpointError
+from .ort_values import user_owned_view
 
 # onnx.TensorProto.DataType → numpy (types numpy lacks, e.g. bfloat16, are never shared)
 _ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
@@ -164,7 +165,8 @@ def _digest(t: InitializerBytes) -> bytes:
 @dataclass
 class SharedWeights:
     """What :func:`open_sessions_sharing_weights` shares: keep it alive as long as the sessions."""
-    values: list            # the OrtValues handed to the sessions (their buffers: memory maps)
+    values: list            # the OrtValues handed to the sessions (views: of the memory maps, or on a device of
+                            # one device copy each; see runtime/ort_values.user_owned_view)
     arrays: list            # the arrays under them
     shared_bytes: int       # bytes held once instead of once per session
     groups: int             # distinct shared initializers
@@ -198,7 +200,7 @@ def open_sessions_sharing_weights(files: Mapping[str, str | Path], options_facto
     initializers held once (see the module doc). ``options_factory()`` makes each session's SessionOptions."""
     from ..contracts import ort as ortc
 
-    ort = ortc.require_onnxruntime()
+    ortc.require_onnxruntime()
     groups = shared_initializers(files, min_bytes)
     opts = {}
     for graph in files:
@@ -212,7 +214,7 @@ def open_sessions_sharing_weights(files: Mapping[str, str | Path], options_facto
     for group in groups:
         first = next(iter(group.values()))
         arr = first.array()
-        value = ort.OrtValue.ortvalue_from_numpy(arr, *device)
+        value = user_owned_view(arr, device)     # add_initializer refuses an OrtValue that owns its buffer
         arrays.append(arr)
         values.append(value)
         shared += first.nbytes * (len(group) - 1)

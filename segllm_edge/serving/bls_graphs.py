@@ -29,6 +29,7 @@ import numpy as np
 from ..contracts import ort as ortc
 from ..contracts.export_folder import ExportFolder
 from ..contracts.serving import BLS_GRAPHS
+from ..runtime.ort_values import run as run_session
 from ..runtime.shared_weights import CLIP_GRAPHS
 
 
@@ -96,7 +97,7 @@ class BlsGraphs:
 
     def run(self, graph: str, feeds: Mapping[str, np.ndarray], outputs: Sequence[str],
             run_options=None) -> list[np.ndarray]:
-        return self.sessions[graph].run(list(outputs), dict(feeds), run_options)
+        return run_session(self.sessions[graph], list(outputs), dict(feeds), run_options)   # bf16 via OrtValues
 
 
 __all__ = ["BlsGraphs", "CLIP_GRAPHS", "bls_providers"]

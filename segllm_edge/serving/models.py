@@ -22,6 +22,7 @@ from ..contracts.serving import (HIPIE_IMAGE, PARAM_AXES, PARAM_AXIS_LIMITS, PAR
                                 PARAM_THREADS, PIXEL_VALUES)
 from ..errors import ImageError
 from ..runtime.arena import trim_heap
+from ..runtime.ort_values import run as run_session
 from .pystub import PythonModel, RequestContext, numpy_dtype
 
 #: a graph run longer than this is followed by a heap trim (3-30 ms: <= a few % of such a run)
@@ -118,7 +119,7 @@ class OrtGraphModel(PythonModel):
         feeds = {k: np.ascontiguousarray(v, dtype=self.input_dtypes[k]) for k, v in inputs.items()
                  if k in self.input_dtypes}
         t0 = time.perf_counter()
-        outs = self.session.run(self.output_names, feeds)
+        outs = run_session(self.session, self.output_names, feeds)   # bf16 feeds through OrtValues
         if time.perf_counter() - t0 > TRIM_AFTER_S:   # a long run (HIPIE): its freed activations back to the system
             trim_heap()
         return dict(zip(self.output_names, outs))
