@@ -225,3 +225,56 @@ def test_cpu_sessions_still_share_the_mapped_weight(tmp_path):
     x = np.random.default_rng(1).standard_normal((1, 32)).astype(np.float32)
     np.testing.assert_allclose(sessions["a"].run(None, {"x": x})[0], x @ w, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sessions["b"].run(None, {"x": x})[0], x @ w + 1, rtol=1e-5, atol=1e-5)
+
+
+def test_in_process_cuda_llm_keeps_the_kv_cache_on_the_device(golden_export, golden_image, monkeypatch):
+    """load(export, backend="cuda") with the concat KV layout: a CUDA llm session makes the session's cache
+    device OrtValues (issue 23 item 4; a HostKVCache would send the whole past to the device and the whole present
+    back every round). Here the bound path runs on device ("cpu", 0), standing in for ("cuda", 0): per round only
+    the round's embeddings cross into onnxruntime and its hidden states come back, the same masks as the host
+    cache, and a failed round's rollback works."""
+    import segllm_edge
+    import segllm_edge.runtime.device_kv_cache as dkv
+    from segllm_edge.contracts.export_folder import open_export
+    from segllm_edge.runtime.ort_backend import OrtBackend
+
+    class CudaLlm:        # what session_kv_device reads off an onnxruntime-gpu session placed on cuda:1
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def get_provider_options(self):
+            return {"CUDAExecutionProvider": {"device_id": "1"}}
+
+    export = open_export(golden_export)
+    assert OrtBackend.from_sessions(export, {"llm": CudaLlm()}).kv_device == ("cuda", 1)
+    host = segllm_edge.load(golden_export, backend="onnxruntime")
+    assert host.backend.kv_device is None                   # CPU: host numpy arrays (read in place)
+    bound = segllm_edge.load(golden_export, backend="onnxruntime")
+    bound.backend.bind_kv(("cpu", 0))
+    crossed = []
+    real_in, real_out = dkv.bind_cpu_input, dkv.to_numpy
+    monkeypatch.setattr(dkv, "bind_cpu_input", lambda io, name, a: (crossed.append(("in", name, a.nbytes)),
+                                                                    real_in(io, name, a))[1])
+    monkeypatch.setattr(dkv, "to_numpy", lambda v: (lambda a: (crossed.append(("out", "", a.nbytes)), a)[1])(real_out(v)))
+    sh, sb = host.session(golden_image), bound.session(golden_image)
+    H = export.info.hidden_size
+    for i, q in enumerate(("Segment the red circle.", "Segment the blue square.", "Segment it.[REF:1]")):
+        crossed.clear()
+        a, b = sh.ask(q), sb.ask(q)
+        assert np.array_equal(a.mask, b.mask) and a.context_tokens == b.context_tokens
+        assert isinstance(sb._cache, dkv.OrtValueKVCache) and sb._cache.length == sh._cache.length
+        assert b.memory["kv_cache"] == a.memory["kv_cache"]
+        n = b.new_tokens
+        assert crossed == [("in", "inputs_embeds", n * H * 4), ("out", "", n * H * 4)], (i, crossed)
+    length, seg_head = sb._cache.length, bound.backend.seg_head
+
+    def fails(hidden):
+        raise RuntimeError("the seg head failed after the llm ran")
+
+    monkeypatch.setattr(bound.backend, "seg_head", fails)
+    with pytest.raises(RuntimeError):
+        sb.ask("Segment the green triangle.")
+    assert sb._cache.length == length                       # rolled back: the device cache cropped
+    monkeypatch.setattr(bound.backend, "seg_head", seg_head)
+    a, b = sh.ask("Segment the green triangle."), sb.ask("Segment the green triangle.")
+    assert np.array_equal(a.mask, b.mask) and sb._cache.length == sh._cache.length

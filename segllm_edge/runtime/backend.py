@@ -44,6 +44,58 @@ class Backend(Protocol):
     def memory_bytes(self) -> int | None: ...                                # device memory in use, if known
 
 
+def _torch_of(x):
+    """The torch module of a tensor ``x`` (already imported, since ``x`` exists), else None: runtime/ never imports
+    torch itself."""
+    import sys
+
+    return sys.modules.get("torch") if hasattr(x, "detach") else None
+
+
+def keep(x):
+    """What the session holds between stages: a device backend's tensor as it is (it stays on its device), any
+    other array as float32 numpy (:func:`host`)."""
+    return x if hasattr(x, "detach") else host(x)
+
+
+def like(x, ref):
+    """``x`` (numpy or a tensor) as ``ref``'s kind: a float32 tensor on ``ref``'s device, or float32 numpy."""
+    torch = _torch_of(ref)
+    if torch is None:
+        return host(x)
+    return torch.as_tensor(x).to(device=ref.device, dtype=torch.float32)
+
+
+def concat_rows(rows: list, width: int):
+    """Rows (numpy and/or tensors) stacked along axis 0; on the device of the first tensor among them (one copy of
+    the numpy parts, none of the tensors), numpy when there is none; ``(0, width)`` float32 numpy for no rows."""
+    ref = next((r for r in rows if hasattr(r, "detach")), None)
+    if ref is None:
+        return np.concatenate(rows, axis=0) if rows else np.zeros((0, width), dtype=np.float32)
+    torch = _torch_of(ref)
+    return torch.cat([like(r, ref) for r in rows], dim=0)
+
+
+def row_index(rows, x):
+    """Row numbers as an index of ``x``: int64 numpy, or an int64 tensor on a tensor's device."""
+    torch = _torch_of(x)
+    rows = np.asarray(rows, dtype=np.int64)
+    return rows if torch is None else torch.as_tensor(rows, device=x.device)
+
+
+def take_rows(x, rows):
+    """``x[rows]`` for numpy or a tensor (the index moved to the tensor's device)."""
+    return x[row_index(rows, x)]
+
+
+def editable(x):
+    """A float32 copy the caller may write into, of the array's own kind (a tensor stays on its device)."""
+    torch = _torch_of(x)
+    if torch is None:
+        return np.array(x, dtype=np.float32)
+    return x.detach().to(torch.float32).clone()
+
+
 def host(x) -> np.ndarray:
     """``x`` as a float32 numpy array: numpy as is, a tensor (duck-typed; torch is never imported) via ``numpy()``."""
     if hasattr(x, "detach"):

@@ -13,6 +13,7 @@ from ..contracts.precisions import numpy_dtype
 from ..errors import BackendError, CheckpointError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from .arena import llm_run_options
+from .device_kv_cache import OrtValueKVCache, run_llm_bound
 from .kv_buffer import inplace_cache, run_llm_inplace, session_kv_device
 from .kv_cache import HostKVCache
 from .ort_values import run as run_session
@@ -51,6 +52,10 @@ class OrtBackend:
         self._past, self._present = kv_names(self.info.num_layers)
         self._dtypes = {name: {t.name: numpy_dtype(t.dtype) for t in g.inputs} for name, g in self.manifest.graphs.items()}
         self._decoder_outputs = [t.name for t in self.manifest.graphs["mask_decoder"].outputs]
+        # where a concat-layout KV cache lives between rounds: on the llm session's device (a CUDA session keeps
+        # it there as OrtValues, bound with IOBinding: only embeddings go in and hidden states come out per
+        # round), None for host numpy arrays. bind_kv(device) forces the OrtValue cache (tests, on the CPU).
+        self.kv_device = session_kv_device(sessions["llm"]) if "llm" in sessions else None
 
     @classmethod
     def from_export(cls, path, device: str = "cpu", threads: int | None = None, providers=None,
@@ -107,10 +112,17 @@ class OrtBackend:
     def encode_masks(self, crops, boxes):
         return self._run("mask_encoder", {"crops": crops, "boxes": boxes})[0]
 
-    def new_cache(self) -> HostKVCache:
+    def bind_kv(self, device=("cpu", 0)) -> None:
+        """Keep concat-layout KV caches as OrtValues on ``device`` (what a CUDA llm session does by itself)."""
+        self.kv_device = (str(device[0]), int(device[1]))
+
+    def new_cache(self) -> HostKVCache | OrtValueKVCache:
         dt = self._dtypes["llm"][self._past[0]]
         if self.manifest.kv_layout == KV_INPLACE:      # buffers the graph writes into (runtime/kv_buffer.py)
             return inplace_cache(self.info, dt, session_kv_device(self.sessions["llm"]))
+        if self.kv_device is not None:
+            return OrtValueKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dt,
+                                   self.kv_device)
         return HostKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dtype=dt)
 
     def llm(self, embeds, cache: HostKVCache | None):
@@ -122,6 +134,9 @@ class OrtBackend:
             return run_llm_inplace(sess, np.asarray(embeds, dtype=self._dtypes["llm"]["inputs_embeds"]), cache,
                                    "inputs_embeds", self._past, "hidden_states", self._present,
                                    llm_run_options(sess, np.shape(embeds)[1]))
+        if isinstance(cache, OrtValueKVCache):       # the past stays on the device, the present is bound there
+            return run_llm_bound(self.sessions["llm"], np.asarray(embeds, dtype=self._dtypes["llm"]["inputs_embeds"]),
+                                 cache, "inputs_embeds", self._past, "hidden_states", self._present)
         feeds = {"inputs_embeds": embeds}
         feeds.update(zip(self._past, cache.arrays))
         # after a prefill the llm's arena gives back what it grew by

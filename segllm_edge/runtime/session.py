@@ -28,7 +28,7 @@ from ..pipeline.images import clip_preprocess, hipie_preprocess, load_image
 from ..pipeline.masks import box_to_original, masked_crop, postprocess_mask
 from ..pipeline.selection import mask_row, select_instance
 from ..pipeline.tokenizer import round_text, split_refs
-from .backend import Backend, host
+from .backend import Backend, concat_rows, editable, host, keep, like, row_index, take_rows
 from .profiler import StageTimer
 from .results import RoundResult
 from .transaction import snapshot
@@ -190,7 +190,7 @@ class Session:
             hipie_input, resized, input_hw = hipie_preprocess(self.rgb)
         im = ImageState(self.rgb, clip_pixels, hipie_input, resized, tuple(int(v) for v in input_hw))
         with t.stage("vision_encoder"):
-            im.image_tokens = host(self.backend.encode_image(im.clip_pixels))
+            im.image_tokens = keep(self.backend.encode_image(im.clip_pixels))   # a device stays a device
         with t.stage("mask_backbone"):
             im.features = self.backend.mask_backbone(im.hipie_input)
         return im
@@ -198,13 +198,13 @@ class Session:
     def _mask_tokens(self, refs: tuple[int, ...], t: StageTimer, cached: bool) -> np.ndarray:
         """(2*len(refs), H): mask token then box token for each reference, in order."""
         if not refs:
-            return np.zeros((0, self.backend.info.hidden_size), dtype=np.float32)
+            return concat_rows([], self.backend.info.hidden_size)
         todo = sorted({r for r in refs if not cached or self.rounds[r - 1].mask_tokens is None})
         if todo:
             with t.stage("mask_encoder"):
                 crops = np.stack([self.rounds[r - 1].crop_pixels for r in todo])
                 boxes = np.stack([self.rounds[r - 1].bbox_vec for r in todo])
-                enc = host(self.backend.encode_masks(crops, boxes))
+                enc = keep(self.backend.encode_masks(crops, boxes))
             fresh = {r: enc[i] for i, r in enumerate(todo)}
             if cached:
                 for r, tok in fresh.items():
@@ -212,17 +212,17 @@ class Session:
         else:
             fresh = {}
         rows = [fresh[r] if r in fresh else self.rounds[r - 1].mask_tokens for r in refs]
-        return np.concatenate(rows, axis=0)
+        return concat_rows(rows, self.backend.info.hidden_size)
 
     def _embed(self, ids: list[int], extras: np.ndarray) -> np.ndarray:
         """Token embeddings with the placeholder features *added* to the ``<video>`` rows (released quirk)."""
         ids_a = np.asarray(ids, dtype=np.int64)
-        emb = np.array(host(self.backend.embed_tokens(ids_a)), dtype=np.float32)  # a copy we may add to
+        emb = editable(self.backend.embed_tokens(ids_a))   # a copy we may add to, on the backend's device
         pos = np.flatnonzero(ids_a == self.backend.info.video_token_id)
         if pos.size != extras.shape[0]:
             raise RuntimeError(f"internal: {pos.size} <video> tokens for {extras.shape[0]} placeholder rows")
         if pos.size:
-            emb[pos] += extras
+            emb[row_index(pos, emb)] += like(extras, emb)
         return emb
 
     # ------------------------------------------------------------------ ask
@@ -271,7 +271,7 @@ class Session:
             extras = self._mask_tokens(refs, t, cached=True)
         emb = self._embed(new_ids, extras)
         with t.stage("llm_prefill"):
-            hidden = host(self.backend.llm(emb[None], self._cache))[0]
+            hidden = keep(self.backend.llm(emb[None], self._cache))[0]
         seg_pos = _seg_positions(new_ids, self.backend.info.seg_token_id)[-1:]
         return self._decode(hidden, seg_pos, self._image, t, emb)
 
@@ -281,16 +281,16 @@ class Session:
         # every placeholder of the whole conversation, in prompt order: image, then each round's refs
         flat_refs = tuple(r for past in self.rounds[1:] for r in past.refs) + refs
         rows = [im.image_tokens[0], self._mask_tokens(flat_refs, t, cached=False)]
-        emb = self._embed(all_ids, np.concatenate(rows, axis=0))
+        emb = self._embed(all_ids, concat_rows(rows, self.backend.info.hidden_size))
         with t.stage("llm_prefill"):
-            hidden = host(self.backend.llm(emb[None], None))[0]
+            hidden = keep(self.backend.llm(emb[None], None))[0]
         seg_pos = _seg_positions(all_ids, self.backend.info.seg_token_id)
         return self._decode(hidden, seg_pos, im, t, emb)
 
     def _decode(self, hidden, seg_pos, im: ImageState, t, emb):
         rows = np.asarray(seg_pos) - 1  # the position that predicts <seg>
         with t.stage("seg_head"):
-            seg_in = hidden[rows]
+            seg_in = take_rows(hidden, rows)     # the hidden states stay on the backend's device
             cond = self.backend.seg_head(seg_in)
         with t.stage("mask_decoder"):
             raw = self.backend.mask_decode(im.features, cond)
@@ -300,7 +300,7 @@ class Session:
             sel["mask_logits"] = mask_row(raw["pred_masks"], -1, sel["query_index"])
         trace = None
         if self.trace:
-            trace = dict(inputs_embeds=emb, hidden=hidden, seg_in=seg_in, seg_out=_trace(cond),
+            trace = dict(inputs_embeds=host(emb), hidden=host(hidden), seg_in=host(seg_in), seg_out=_trace(cond),
                          raw={k: _trace(v) for k, v in raw.items()}, selection=sel)
         return sel, trace, emb.shape[0]
 

@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import SessionStateError
 from ..pipeline.images import clip_preprocess, hipie_preprocess, read_image
 from ..pipeline.masks import FRAME, masked_crop
-from .backend import host
+from .backend import concat_rows, host
 from .profiler import StageTimer
 from .results import RoundResult
 
@@ -316,7 +316,7 @@ def _rebuild_cache(session, im, t) -> None:
     for r in session.rounds[1:]:
         rows.append(session._mask_tokens(r.refs, t, cached=True))
     ids = [i for r in session.rounds for i in r.ids]
-    emb = session._embed(ids, np.concatenate(rows, axis=0))
+    emb = session._embed(ids, concat_rows(rows, session.backend.info.hidden_size))
     cache = session.backend.new_cache()
     with t.stage("llm_prefill"):
         session.backend.llm(emb[None], cache)
