@@ -12,7 +12,8 @@ from segllm_edge.contracts.export_folder import open_export
 from segllm_edge.contracts.manifest import Manifest
 from segllm_edge.export import reference
 from segllm_edge.export.drift import format_drift
-from segllm_edge.runtime import graph_blocks
+from segllm_edge.contracts import llm_blocks as graph_blocks
+from segllm_edge.runtime.graph_blocks import BlockedSession
 
 from conftest import DRIFT_TEST_QUESTIONS
 
@@ -32,7 +33,7 @@ def _llm_runs(folder, layers_per_block=None, rounds=(5, 3)):
         return OwnedOutputs(ort.InferenceSession(str(path), lean_session_options(), providers=["CPUExecutionProvider"]))
 
     blocks = graph_blocks.split_llm(llm, layers_per_block) if layers_per_block else None
-    session = graph_blocks.BlockedSession(blocks, open_session) if blocks else open_session(llm)
+    session = BlockedSession(blocks, open_session) if blocks else open_session(llm)
     ins = session.get_inputs()
     kv = np.float16 if "float16" in ins[1].type else np.float32
     rng = np.random.default_rng(0)

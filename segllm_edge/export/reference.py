@@ -4,9 +4,19 @@ The probe conversation runs on the new export first, one graph resident at a tim
 ``segllm_edge.drift_probe(lean=True)``, :mod:`segllm_edge.runtime.lean_sessions`); its sessions are freed; then an
 fp32 reference export of the same checkpoint is streamed into a temporary folder (graphs that are fp32 in both are
 hard-linked, not exported again) and the probe runs on it the same way. So the process holds one graph's session at
-a time, never the whole export and never the reference and the reduced export together. When the largest graph
-would not fit in the memory available (a 7B's fp32 llm graph alone is ~26 GB), or the reference would not fit on
-the disk, the report says so ("not compared: …") instead of swapping or failing.
+a time, never the whole export and never the reference and the reduced export together.
+
+Each side is planned against the export's budget (:func:`export_budget`: 1.5 x its bytes on disk + 1 GiB, the figure
+every export measurement is held to) before anything is loaded (:func:`plan_side`): where the whole llm graph's
+session would not fit the budget left over this process's resident memory (or the memory available), the probe runs
+the exported llm graph block of decoder layers by block (:mod:`segllm_edge.runtime.graph_blocks`: the same nodes and
+weights, one block's session at a time), with as many layers per block as fit. A 7B's llm (12 GiB in fp16, 24 GiB
+as the fp32 reference) then needs one block's session, not the whole graph's, and the probe runs on a 24 GB machine
+where it used to be skipped. What is compared does not change: the whole conversation, end to end, on both sides
+(mask IoU vs fp32, hidden-state error, same query, per round). When even the largest graph or block would not fit
+in the memory available, or the reference would not fit on the disk, the report says so ("not compared: …")
+instead of swapping or failing. The report records each side's plan (``probe_plan``), the budget
+(``budget_bytes``), the running peak after each phase (``peak_rss_bytes``) and ``within_budget``.
 """
 from __future__ import annotations
 
@@ -89,7 +99,7 @@ def plan_side(sizes: dict[str, float], per_byte: dict[str, float], layer_bytes: 
     needs = {g: b * per_byte[g] for g, b in sizes.items()}
     plan = {"budget_bytes": int(budget), "resident_bytes": int(base), "llm_layers_per_block": None, "llm_blocks": 1}
     if layer_bytes and "llm" in needs and needs["llm"] > cap and len(layer_bytes) > 1:
-        from ..runtime.graph_blocks import layers_per_block_for
+        from ..contracts.llm_blocks import layers_per_block_for
 
         k = layers_per_block_for(layer_bytes, per_byte["llm"], cap)
         if k < len(layer_bytes):
@@ -104,15 +114,14 @@ def plan_side(sizes: dict[str, float], per_byte: dict[str, float], layer_bytes: 
 
 def llm_layer_bytes(folder: Path, probe, side: str, scale: float = 1.0) -> list[int] | None:
     """The llm's weight bytes per decoder layer where ``side`` of ``probe`` can run it block by block, else None."""
-    from ..contracts.export_folder import open_export
-    from ..runtime.lean_sessions import can_split_llm
+    from ..contracts.llm_blocks import can_split, llm_layer_weight_bytes
 
     runtime = (probe.backends or {}).get(side, "onnxruntime")
-    if not probe.splits_llm or not can_split_llm(open_export(Path(folder)), runtime):
+    manifest = Manifest.load(folder)
+    if not probe.splits_llm or not can_split(manifest.kv_layout, runtime):
         return None
-    from ..runtime.graph_blocks import llm_layer_weight_bytes
 
-    return [int(b * scale) for b in llm_layer_weight_bytes(Path(folder) / Manifest.load(folder).graphs["llm"].file)]
+    return [int(b * scale) for b in llm_layer_weight_bytes(Path(folder) / manifest.graphs["llm"].file)]
 
 
 def _what(plan: dict) -> str:

@@ -131,9 +131,9 @@ def _openvino_opener(export: ExportFolder, device: str, threads: int | None) -> 
 
 def can_split_llm(export: ExportFolder, backend: str) -> bool:
     """Whether :func:`load_lean` can run this export's llm block of layers by block (onnxruntime, concat KV)."""
-    from ..contracts.manifest import KV_INPLACE
+    from ..contracts.llm_blocks import can_split
 
-    return backend == "onnxruntime" and export.manifest.kv_layout != KV_INPLACE
+    return can_split(export.manifest.kv_layout, backend)
 
 
 def _blocked_llm_opener(export: ExportFolder, opener, device: str, threads: int | None, layers_per_block: int):
