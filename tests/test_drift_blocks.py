@@ -176,3 +176,15 @@ def test_layers_per_block_fits_every_block():
     assert graph_blocks.layers_per_block_for([1, 1, 1, 3], 1.0, 4) == 3   # [1,1,1] [3]
     assert graph_blocks.layers_per_block_for([1, 3, 1, 1], 1.0, 4) == 2   # k=3 would give [1,3,1]
     assert graph_blocks.layers_per_block_for([5, 5], 1.0, 1) == 1
+
+
+def test_force_removes_blocks_a_killed_probe_left(golden_export, tmp_path):
+    from segllm_edge.export.onnx_export import export_files
+
+    out = tmp_path / "fp32"
+    shutil.copytree(golden_export, out, copy_function=os.link)
+    blocks = graph_blocks.split_llm(out / "llm.onnx", 1)
+    blocks._cleanup.detach()   # as if the process had been killed
+    left = blocks.folder
+    assert left.is_dir() and left.parent == out, list(out.iterdir())
+    assert left in export_files(out)
