@@ -197,17 +197,18 @@ def drift_probe(image=None, questions=None, backend: str = "onnxruntime", device
     from .runtime.lean_sessions import LEAN_BACKENDS
 
     def opener(name: str):
-        def open_folder(folder):
+        def open_folder(folder, llm_layers_per_block: int | None = None):
             if not (lean and name in LEAN_BACKENDS and str(device) == "cpu"):
                 return load(folder, backend=name, device=device)
             from .runtime.lean_sessions import load_lean
 
-            return SegLLM(load_lean(folder, backend=name, device=device))
+            return SegLLM(load_lean(folder, backend=name, device=device, llm_layers_per_block=llm_layers_per_block))
         return open_folder
 
     reference_backend = reference_backend or backend
     return DriftProbe(load=opener(backend),
                       reference_load=None if reference_backend == backend else opener(reference_backend),
                       backends={"export": backend, "fp32": reference_backend},
+                      splits_llm=lean and str(device) == "cpu",
                       image=demo_image() if image is None else image,
                       questions=tuple(questions or DEMO_QUESTIONS))

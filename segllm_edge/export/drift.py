@@ -25,12 +25,16 @@ class DriftProbe:
     """What the drift report runs: ``load(folder)`` returns a model with ``.session(image, trace=True)``.
     ``reference_load`` loads the fp32 reference instead of ``load`` when set (a bf16 export runs on OpenVINO, its
     fp32 reference on onnxruntime, where the 7B-width probe's fp32 reference needs less memory); ``backends`` names the
-    runtime of each side for the report."""
+    runtime of each side for the report. ``splits_llm``: the loaders take ``llm_layers_per_block=k`` and then run the
+    llm graph block of k layers by block (one block's session at a time, where that side's runtime is onnxruntime:
+    :mod:`segllm_edge.runtime.graph_blocks`), which the exporter asks for when the whole llm would not fit its
+    budget."""
     load: Callable[[Path], Any]
     image: Any
     questions: tuple[str, ...]
     reference_load: Callable[[Path], Any] | None = None
     backends: dict | None = None   # {"export": ..., "fp32": ...}
+    splits_llm: bool = False
 
     def for_reference(self) -> "DriftProbe":
         """The probe that runs the fp32 reference export."""
@@ -46,12 +50,14 @@ class RoundOutcome:
     error: str | None = None        # why the round could not run (its SegLLMError), None when it ran
 
 
-def run_probe(probe: DriftProbe, folder: Path) -> list[RoundOutcome]:
+def run_probe(probe: DriftProbe, folder: Path, llm_layers_per_block: int | None = None) -> list[RoundOutcome]:
     """Every question of the probe on the export in ``folder``. A round that raises a SegLLMError is
     recorded with its message and the conversation goes on (a failed round leaves the session as it was);
-    a model that cannot even be loaded gives that error for every round."""
+    a model that cannot even be loaded gives that error for every round. ``llm_layers_per_block``: passed to the
+    loader of a probe that ``splits_llm`` (the llm run block by block)."""
+    kwargs = {"llm_layers_per_block": llm_layers_per_block} if llm_layers_per_block and probe.splits_llm else {}
     try:
-        session = probe.load(Path(folder)).session(probe.image, trace=True)
+        session = probe.load(Path(folder), **kwargs).session(probe.image, trace=True)
     except SegLLMError as exc:
         return [RoundOutcome(error=f"cannot open the export: {exc}") for _ in probe.questions]
     out = []
@@ -110,6 +116,16 @@ def format_drift(report: dict) -> str:
             lines.append(f"  round {r['round']}: not compared ({r['reason']})")
     if report.get("probe_backends"):
         lines.append("  probe ran on " + ", ".join(f"{k}: {v}" for k, v in report["probe_backends"].items()))
+    for side, plan in (report.get("probe_plan") or {}).items():
+        how = (f"llm in {plan['llm_blocks']} blocks of {plan['llm_layers_per_block']} layers"
+               if plan.get("llm_layers_per_block") else "llm whole")
+        lines.append(f"  probe on the {side} side: {how}, largest session ~{plan['need_bytes'] / 2**30:.2f} GiB "
+                     f"(estimated peak {plan['estimated_peak_bytes'] / 2**30:.2f} GiB)")
+    if report.get("budget_bytes"):
+        peak = max((p for p in report.get("peak_rss_bytes", {}).values() if p), default=None)
+        if peak:
+            lines.append(f"  peak RSS {peak / 2**30:.2f} GiB, budget {report['budget_bytes'] / 2**30:.2f} GiB "
+                         f"(1.5 x on disk + 1 GiB): {'within' if report.get('within_budget') else 'OVER'}")
     if report.get("drift_skipped"):
         lines.append(f"  drift report not run: {report['drift_skipped']}")
     g = report.get("guard")

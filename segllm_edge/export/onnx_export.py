@@ -44,6 +44,7 @@ def export_files(out: Path) -> list[Path]:
         files += [out / g.file, out / (g.file + ".data")]
     files += [out / f for f in manifest.arrays.values()]
     files += [out / manifest.tokenizer_dir] + [out / f for f in EXPORT_EXTRA_FILES]
+    files += sorted(out.glob(".llm-blocks-*"))   # a drift probe's llm blocks, left by a process that was killed
     return [f for f in files if f.exists() or f.is_symlink()]
 
 

@@ -130,14 +130,47 @@ def _openvino_opener(export: ExportFolder, device: str, threads: int | None) -> 
     return open_graph
 
 
-def load_lean(path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None) -> OrtBackend:
+def can_split_llm(export: ExportFolder, backend: str) -> bool:
+    """Whether :func:`load_lean` can run this export's llm block of layers by block (onnxruntime, concat KV)."""
+    from ..contracts.llm_blocks import can_split
+
+    return can_split(export.manifest.kv_layout, backend)
+
+
+def _blocked_llm_opener(export: ExportFolder, opener, device: str, threads: int | None, layers_per_block: int):
+    """The llm graph split into blocks of ``layers_per_block`` decoder layers (:mod:`.graph_blocks`), each block's
+    onnxruntime session opened and closed within the llm call; the other graphs through ``opener``."""
+    from .graph_blocks import BlockedSession, split_llm
+
+    blocks = split_llm(export.graph_path("llm"), layers_per_block)
+    provs = ortc.providers_for(device)
+
+    def open_stage(stage_path):
+        return OwnedOutputs(ortc.open_session(stage_path, lean_session_options(threads), provs, "llm"))
+
+    def open_graph(name: str):
+        return BlockedSession(blocks, open_stage) if name == "llm" else opener(name)
+
+    return open_graph, blocks
+
+
+def load_lean(path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
+              llm_layers_per_block: int | None = None) -> OrtBackend:
     """The ``backend`` (onnxruntime or openvino, fp32 inference precision) of the export at ``path`` with one graph
     resident at a time. Every graph is opened once here, one after the other, so a graph that cannot load fails
-    now as it would on the resident backend, not in the middle of a conversation."""
+    now as it would on the resident backend, not in the middle of a conversation.
+
+    ``llm_layers_per_block``: run the llm's exported graph in blocks of that many decoder layers, one block's session
+    at a time (:mod:`.graph_blocks`: the same nodes and weights, the same outputs); onnxruntime with the concat KV
+    layout only (elsewhere, and at or above the llm's depth, the llm runs whole). The backend's ``llm_blocks`` is
+    then the split's plan (None when the llm runs whole)."""
     if backend not in LEAN_BACKENDS:
         raise BackendError(f"lean loading runs on {' or '.join(LEAN_BACKENDS)}, not backend={backend!r}")
     export = open_export(Path(path))
     opener = (_ort_opener if backend == "onnxruntime" else _openvino_opener)(export, device, threads)
+    blocks = None
+    if llm_layers_per_block and llm_layers_per_block < export.info.num_layers and can_split_llm(export, backend):
+        opener, blocks = _blocked_llm_opener(export, opener, device, threads, llm_layers_per_block)
     graphs = export.manifest.graphs
 
     def open_checked(name: str):
@@ -149,9 +182,11 @@ def load_lean(path, backend: str = "onnxruntime", device: str = "cpu", threads: 
     for name in graphs:
         sessions[name]
     if backend == "onnxruntime":
-        return OrtBackend.from_sessions(export, sessions)
-    from .openvino_backend import OpenVinoBackend
+        model = OrtBackend.from_sessions(export, sessions)
+    else:
+        from .openvino_backend import OpenVinoBackend
 
-    model = OpenVinoBackend.from_sessions(export, sessions)
-    model.hipie_precision = "fp32"
+        model = OpenVinoBackend.from_sessions(export, sessions)
+        model.hipie_precision = "fp32"
+    model.llm_blocks = blocks   # keeps the blocks' folder alive as long as the backend
     return model
