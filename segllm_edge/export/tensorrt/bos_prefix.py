@@ -18,15 +18,11 @@ from pathlib import Path
 from ...errors import BackendError
 
 
-def _bf16(onnx) -> int:
-    return onnx.TensorProto.BFLOAT16
-
-
 def has_bf16(model) -> bool:
     """Whether an ONNX model (loaded without its external data) has a bf16 weight or a bf16 graph input/output."""
     import onnx
 
-    bf16 = _bf16(onnx)
+    bf16 = onnx.TensorProto.BFLOAT16
     return any(t.data_type == bf16 for t in model.graph.initializer) or any(
         v.type.tensor_type.elem_type == bf16 for v in (*model.graph.input, *model.graph.output))
 
@@ -50,7 +46,7 @@ def fp32_compute_graph(model):
     import onnx
     from onnx import helper
 
-    bf16, fp32 = _bf16(onnx), onnx.TensorProto.FLOAT
+    bf16, fp32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
