@@ -26,10 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT / "tests" / "golden"
-QUESTIONS = ("Segment the red circle.", "Segment the blue square next to it.[REF:1]",
-             "Segment the object above instance 2.[REF:2]")  # tests/conftest.py GOLDEN_QUESTIONS
+# this folder's side-by-side benchmark: its module level imports numpy only, so the edac365 child can use it too
+from bench_cpu_paths import GOLDEN, QUESTIONS, ROOT, golden_masks
 
 
 def child(export: str, conversations: int, expect_root: str | None, load_kwargs: dict) -> dict:
@@ -43,8 +41,7 @@ def child(export: str, conversations: int, expect_root: str | None, load_kwargs:
     t_import = time.perf_counter()
     model = segllm_edge.load(export, **load_kwargs)
     t_load = time.perf_counter()
-    data = np.load(GOLDEN / "rounds.npz")
-    golden = [np.unpackbits(data[f"r{r}/final_mask_packed"]).astype(bool).reshape(1024, 1024) for r in (1, 2, 3)]
+    golden = golden_masks()
     convs = []
     for _ in range(conversations):
         s = model.session(str(GOLDEN / "shapes_a.png"))
@@ -54,6 +51,7 @@ def child(export: str, conversations: int, expect_root: str | None, load_kwargs:
             r = s.ask(q)
             ms = (time.perf_counter() - t) * 1e3
             m = np.asarray(r.model_mask, dtype=bool)  # the 1024 frame the golden masks are in
+            # by hand: the edac365 tree has no segllm_edge.pipeline.masks.mask_iou
             union = np.logical_or(m, ref).sum()
             iou = float(np.logical_and(m, ref).sum() / union) if union else 1.0
             rounds.append({"ms": ms, "iou": iou, "timings": {k: float(v) for k, v in (r.timings or {}).items()}})
@@ -122,7 +120,7 @@ def main(argv=None) -> int:
             extra = "" if args.conversations < 2 else f"  (2nd conversation r2+r3 {r23(rec, 1):.0f} ms)"
             print(f"rep {i + 1} {label:8s} load {rec['load_ms']:6.0f} ms  rounds "
                   + " / ".join(f"{r['ms']:.0f}" for r in rounds) + f" ms  r2+r3 {r23(rec):.0f} ms  IoU "
-                  + ", ".join(f"{r['iou']:.3f}" for r in rounds) + extra, flush=True)
+                  + ", ".join(f"{r['iou']:.5f}" for r in rounds) + extra, flush=True)
             runs.append(rec)
     after = uptime()
     med = {lab: statistics.median(r23(r) for r in runs if r["label"] == lab) for lab in ("edac365", "this")}

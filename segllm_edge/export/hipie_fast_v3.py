@@ -112,7 +112,7 @@ class FastMSDeformAttnV3(MSDeformAttn):
         idx = idx.view(n, lq * m * lv * p * 4) + (torch.arange(n, dtype=torch.int64) * s_total)[:, None]
         k = lv * p * 4
         # index_select exports as Gather (axis 0), which OpenVINO's CPU plugin runs in a jit kernel; the
-        # advanced index `memory[idx]` exported as GatherND ran on its reference kernel (65 ms per layer)
+        # advanced index `memory[idx]` exported as GatherND ran on its reference kernel (up to 65 ms a call)
         rows = torch.index_select(memory.reshape(-1, c), 0, idx.reshape(-1)).view(n * lq * m, k, c)
         a = torch.matmul(wc.reshape(n * lq * m, 1, k), rows).view(n * lq, m, c)            # N*Lq, M, C
         out = torch.bmm(a.transpose(0, 1), self.value_proj.weight.view(m, d, -1).transpose(1, 2))  # M, N*Lq, D
