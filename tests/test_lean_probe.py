@@ -68,9 +68,13 @@ def test_lean_probe_gives_the_all_resident_report(lean_run, golden_export_fp16, 
     assert compare_rounds(resident, lean, "fp16") == compare_rounds(resident, resident, "fp16")
     prepacked = run_probe(segllm_edge.drift_probe(golden_image, QUESTIONS, lean=False), golden_export_fp16)
     (row,) = compare_rounds(prepacked, lean, "fp16")
-    # prepacking changes the last bits of the hidden states; the masks stay within a few pixels (measured 1 of
-    # ~130k flipped on the fast-v3 graph)
-    assert row["mask_iou_vs_fp32"] >= 0.999 and row["same_query"] and row["hidden_max_rel_err"] < 1e-4, row
+    # prepacking changes the accumulation order, so the last bits of the hidden states; how far that carries through
+    # the layers depends on the CPU's kernels (max rel err measured below 1e-4 on one AMD EPYC, 3.2e-4 on the CI's).
+    # The bound is two fp16 ulps at the largest value (2 * 2**-10): an fp16 export cannot promise better, and a real
+    # fault (a wrong weight, a dropped layer) is orders of magnitude above it. The masks stay within a few pixels
+    # (measured 1 of ~130k flipped on the fast-v3 graph).
+    print(f"\nprepacked vs lean: {row}")
+    assert row["mask_iou_vs_fp32"] >= 0.999 and row["same_query"] and row["hidden_max_rel_err"] < 2 * 2**-10, row
 
 
 def test_lean_sessions_skip_prepacking_and_keep_the_arena_shrinkage(lean_run):

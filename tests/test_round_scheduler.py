@@ -168,6 +168,39 @@ def test_a_failing_job_does_not_kill_its_worker(sched):
     assert [str(e) for e in seen] == ["bug"]
 
 
+def test_an_answer_is_delivered_after_its_round_left_the_counts(sched):
+    """A job's returned delivery (sending the answer) runs once the round is no longer running or pending and the
+    gauges were told: a client holding its answer never scrapes its own round as running."""
+    s = sched(workers=2, max_pending_per_conversation=2, max_queued=4)
+    gauges, seen, failures = [], [], []
+    s.on_change = lambda running, queued: gauges.append((running, queued))
+    s.on_error = failures.append
+    delivered = threading.Event()
+
+    def deliver():
+        seen.append((s.running, s.queued, s.pending("a"), gauges[-1]))
+        delivered.set()
+
+    def round_():
+        seen.append(("ran", s.running))
+        return deliver
+
+    def bad_delivery():
+        raise RuntimeError("send failed")
+
+    s.submit("a", round_)
+    assert delivered.wait(5)
+    assert seen == [("ran", 1), (0, 0, 0, (0, 0))]
+    s.submit("b", lambda: bad_delivery)                 # a failing delivery is reported, the worker goes on
+    deadline = time.monotonic() + 5
+    while not failures and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [str(e) for e in failures] == ["send failed"]
+    done = threading.Event()
+    s.submit("b", done.set)
+    assert done.wait(5)
+
+
 def test_close_without_drain_refuses_waiting_rounds_and_finishes_running(sched):
     s = sched(workers=1, max_pending_per_conversation=3, max_queued=8)
     gate = threading.Event()

@@ -484,8 +484,11 @@ class _Answer:
     def __init__(self, model: "PythonModel", request, inputs: dict, ctx: RequestContext):
         self.model, self.request, self.inputs, self.ctx = model, request, inputs, ctx
 
-    def __call__(self) -> None:
-        send_final(self.request, self.model.respond(self.request, self.inputs, self.ctx))
+    def __call__(self):
+        """Run the round; its answer is sent by the returned delivery, after the scheduler has counted the round
+        finished (a client that has its answer never scrapes its own round as running)."""
+        response = self.model.respond(self.request, self.inputs, self.ctx)
+        return lambda: send_final(self.request, response)
 
     def refuse(self, exc: BaseException) -> None:
         send_final(self.request, self.model.error_response(exc))

@@ -41,6 +41,10 @@ class RoundScheduler:
     without ``drain`` (every request must get its answer). A job must not raise; if it does, the exception
     goes to ``on_error(exc)`` (default: ignored) and the worker goes on. ``on_change(running, queued)``
     (optional attribute) is called after every change of those counts (the metrics' gauges).
+
+    A job may return a callable, its *delivery* (sending the answer): it runs on the same worker after the job has
+    left the running count and ``on_change`` has been told, so whoever receives the answer never sees its own
+    round still counted as running or still pending for its conversation.
     """
 
     def __init__(self, workers: int = 4, max_pending_per_conversation: int = 2, max_queued: int = 16,
@@ -153,17 +157,26 @@ class RoundScheduler:
             if job is None:
                 return
             self._changed()
+            delivery = None
             try:
-                job()
+                delivery = job()
             except BaseException as e:  # a job answers its own request; this is a bug in it, not a reason to die
-                if self.on_error is not None:
-                    try:
-                        self.on_error(e)
-                    except Exception:
-                        pass
+                self._report(e)
             finally:
                 self._finish(key)
                 self._changed()
+            if callable(delivery):
+                try:
+                    delivery()
+                except BaseException as e:
+                    self._report(e)
+
+    def _report(self, exc: BaseException) -> None:
+        if self.on_error is not None:
+            try:
+                self.on_error(exc)
+            except Exception:
+                pass
 
     # -- stopping --------------------------------------------------------------------------------
     def wait_idle(self, timeout: float | None = None) -> bool:
