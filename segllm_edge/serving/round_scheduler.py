@@ -44,7 +44,8 @@ class RoundScheduler:
 
     A job may return a callable, its *delivery* (sending the answer): it runs on the same worker after the job has
     left the running count and ``on_change`` has been told, so whoever receives the answer never sees its own
-    round still counted as running or still pending for its conversation.
+    round still counted as running or still pending for its conversation. (The key's next job may start while the
+    delivery runs: everything the round did is done by then; only its answer is still on its way.)
     """
 
     def __init__(self, workers: int = 4, max_pending_per_conversation: int = 2, max_queued: int = 16,
