@@ -13,7 +13,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from .kv_cache import HostKVCache
 from .ort_values import bind_cpu_input, to_numpy, to_ortvalue
+
+
+def concat_kv_cache(info, dtype, device=None) -> "HostKVCache | OrtValueKVCache":
+    """An empty concat-layout KV cache for the llm described by ``info`` (``num_layers``, ``num_kv_heads``,
+    ``head_dim``): OrtValues on ``device`` (``(device_type, device_id)``, run through IOBinding) or, with no
+    device, host numpy arrays. The one choice both the in-process backend and the Triton BLS make."""
+    if device is not None:
+        return OrtValueKVCache(info.num_layers, info.num_kv_heads, info.head_dim, dtype, device)
+    return HostKVCache(info.num_layers, info.num_kv_heads, info.head_dim, dtype=dtype)
 
 
 class OrtValueKVCache:

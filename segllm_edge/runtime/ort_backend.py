@@ -13,7 +13,7 @@ from ..contracts.precisions import numpy_dtype
 from ..errors import BackendError, CheckpointError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from .arena import llm_run_options
-from .device_kv_cache import OrtValueKVCache, run_llm_bound
+from .device_kv_cache import OrtValueKVCache, concat_kv_cache, run_llm_bound
 from .kv_buffer import inplace_cache, run_llm_inplace, session_kv_device
 from .kv_cache import HostKVCache
 from .ort_values import run as run_session
@@ -120,10 +120,7 @@ class OrtBackend:
         dt = self._dtypes["llm"][self._past[0]]
         if self.manifest.kv_layout == KV_INPLACE:      # buffers the graph writes into (runtime/kv_buffer.py)
             return inplace_cache(self.info, dt, session_kv_device(self.sessions["llm"]))
-        if self.kv_device is not None:
-            return OrtValueKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dt,
-                                   self.kv_device)
-        return HostKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dtype=dt)
+        return concat_kv_cache(self.info, dt, self.kv_device)
 
     def llm(self, embeds, cache: HostKVCache | None):
         keep = cache is not None

@@ -70,12 +70,9 @@ class BlsGraphs:
         return graph in self.sessions
 
     def new_cache(self, info, dtype):
-        from ..runtime.device_kv_cache import OrtValueKVCache
-        from ..runtime.kv_cache import HostKVCache
+        from ..runtime.device_kv_cache import concat_kv_cache
 
-        if self.bind_kv:
-            return OrtValueKVCache(info.num_layers, info.num_kv_heads, info.head_dim, dtype, self.kv_device)
-        return HostKVCache(info.num_layers, info.num_kv_heads, info.head_dim, dtype=dtype)
+        return concat_kv_cache(info, dtype, self.kv_device if self.bind_kv else None)
 
     def llm_bound(self, embeds: np.ndarray, cache, inputs: Sequence[str], outputs: Sequence[str]) -> np.ndarray:
         """The llm on an :class:`OrtValueKVCache` (IOBinding): hidden states back, the cache grown in place."""
