@@ -44,7 +44,7 @@ from ..contracts.serving import (BLS_GRAPHS, PARAM_THREADS, TIMINGS_IN_PROCESS, 
 from ..errors import BackendError, ImageError, QuestionError, RoundReferenceError, ServerBusyError, SessionError
 from ..pipeline.tokenizer import SegLLMTokenizer
 from ..runtime.arena import llm_run_options
-from ..runtime.kv_cache import HostKVCache
+from ..runtime.device_kv_cache import concat_kv_cache
 from ..runtime.session import Session
 from ..runtime.transaction import snapshot
 from .durable import DurableConversations, replay, round_number
@@ -140,13 +140,13 @@ class TritonBlsBackend:
 
     def new_cache(self):
         dt = self._io["llm"][2][self._past[0]]
+        # device buffers (IOBinding) when the in-process llm binds its KV cache (see bls_graphs), else host arrays
+        device = self.local.kv_device if getattr(self.local, "bind_kv", False) else None
         if self.manifest.kv_layout == KV_INPLACE:     # buffers the llm writes into (runtime/kv_buffer.py)
             from ..runtime.kv_buffer import inplace_cache
 
-            return inplace_cache(self.info, dt, self.local.kv_device if getattr(self.local, "bind_kv", False) else None)
-        if getattr(self.local, "bind_kv", False):     # device buffers (IOBinding), see bls_graphs
-            return self.local.new_cache(self.info, dt)
-        return HostKVCache(self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dtype=dt)
+            return inplace_cache(self.info, dt, device)
+        return concat_kv_cache(self.info, dt, device)
 
     def llm(self, embeds, cache):
         keep = cache is not None

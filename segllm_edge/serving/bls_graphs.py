@@ -69,11 +69,6 @@ class BlsGraphs:
     def __contains__(self, graph: str) -> bool:
         return graph in self.sessions
 
-    def new_cache(self, info, dtype):
-        from ..runtime.device_kv_cache import concat_kv_cache
-
-        return concat_kv_cache(info, dtype, self.kv_device if self.bind_kv else None)
-
     def llm_bound(self, embeds: np.ndarray, cache, inputs: Sequence[str], outputs: Sequence[str]) -> np.ndarray:
         """The llm on an :class:`OrtValueKVCache` (IOBinding): hidden states back, the cache grown in place."""
         from ..runtime.device_kv_cache import run_llm_bound
