@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-concurrent-rounds", type=int, default=None, help="the server's setting (default: its own)")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads per graph (default: all cores)")
     ap.add_argument("--instances", type=int, default=1, help="instances per stateless graph model (serve --instances)")
+    ap.add_argument("--graph-engine", default="onnxruntime", choices=("onnxruntime", "openvino"),
+                    help="what the stateless graph models run on (serve --graph-engine)")
     ap.add_argument("--no-refs", action="store_true", help="ask the rounds without [REF:k] (random-weight checkpoints)")
     ap.add_argument("--hold", action="store_true",
                     help="keep the last concurrent run's conversations open and measure the server's PSS")
@@ -153,14 +155,16 @@ def main(argv=None) -> int:
     manifest = json.loads((export / "manifest.json").read_text())
     sched = scheduler_parameters(args.max_concurrent_rounds)
     repo = generate_repository(export, tmp / "repo", max_conversations=max(levels), idle_timeout_s=600,
-                               instance_count=args.instances, threads=args.threads, bls_parameters=sched)
+                               instance_count=args.instances, threads=args.threads, bls_parameters=sched,
+                               graph_engine=args.graph_engine)
     images = _images(args.image)
     host = machine()
     report = {"benchmark": "concurrency", "host": host, "uptime_before": uptime(), "export": str(export),
               "model": {k: manifest["model"].get(k) for k in ("hidden_size", "num_layers", "num_heads")
                         if k in manifest.get("model", {})},
               "server": {"max_concurrent_rounds": args.max_concurrent_rounds or "default (4)",
-                         "threads": args.threads or "all cores", "graph_instances": args.instances},
+                         "threads": args.threads or "all cores", "graph_instances": args.instances,
+                         "graph_engine": args.graph_engine},
               "rounds_per_conversation": args.rounds, "questions": list(questions), "levels": {}}
     print(f"{host['cpus_usable']} usable cores ({host['cpu']}); {report['uptime_before']}", flush=True)
     server = TritonServer(repo, log_path=tmp / "tritonserver.log", ready_timeout=600)

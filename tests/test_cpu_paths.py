@@ -234,3 +234,41 @@ def test_int8_ffn_path_quantizes_only_the_feed_forward_and_is_not_a_default_with
                    and op.input_value(1).get_node().get_type_name() == "Constant"]
     assert f32_weights                                        # sampling offsets, projections, heads stay f32
     _loads_ffn_path_and_is_default_only_with_its_guard(export, C.OV_INT8_FFN, "int8")
+
+
+def test_the_server_round_loop_with_openvino_graph_models_gives_the_onnxruntime_masks(golden_export, golden_image):
+    """``--graph-engine openvino``: the BLS round loop (in process: the model classes Triton runs, minus the
+    transport) with the stateless graph models on OpenVINO gives the masks of ``load(backend="onnxruntime")``
+    up to a few boundary pixels."""
+    import numpy as np
+
+    from segllm_edge.serving.bls import ConversationService, InProcessCaller, TritonBlsBackend
+    from segllm_edge.serving.pystub import RequestContext
+    from segllm_edge.serving.wire import decode_mask_png
+    from test_fidelity import iou
+
+    caller = InProcessCaller(golden_export, graph_engine="openvino")
+    assert caller.models["mask_decoder"].session.get_providers() == ["OpenVINO CPU f32"]
+    reference = segllm_edge.load(golden_export, backend="onnxruntime").session(golden_image)
+    service = ConversationService(lambda: TritonBlsBackend(golden_export, caller))
+    token = None
+    for i, q in enumerate(GOLDEN_QUESTIONS):
+        inputs = {"question": np.array([q.encode()], dtype=np.object_),
+                  "end": np.array([i == len(GOLDEN_QUESTIONS) - 1])}
+        if token is None:
+            inputs.update(start=np.array([True]), image=np.array([golden_image.read_bytes()], dtype=np.object_))
+        else:
+            inputs["conversation"] = np.array([token], dtype=np.object_)
+        got = service.handle(inputs, RequestContext())
+        token = got["conversation"].reshape(-1)[0]
+        want = reference.ask(q).mask
+        assert iou(decode_mask_png(got["mask"].reshape(-1)[0]), want) >= 0.999, f"round {i + 1}"
+
+
+def test_a_graph_engine_that_is_not_there_is_refused_by_name():
+    from segllm_edge.errors import ConfigError
+    from segllm_edge.serving.models import check_graph_engine
+
+    assert check_graph_engine("openvino") == "openvino"
+    with pytest.raises(ConfigError, match="unknown graph engine 'openvin'.*onnxruntime, openvino"):
+        check_graph_engine("openvin")

@@ -68,7 +68,8 @@ def repo(export_dir, tmp_path_factory):
     another folder before the server starts -- so every test of this module serves from a repository that
     can reach nothing of where it was written."""
     from segllm_edge.serving.model_config import place_tree
-    from segllm_edge.serving.repository import generate_repository, write_bls_model
+    from segllm_edge.contracts.manifest import Manifest
+    from segllm_edge.serving.repository import generate_repository, write_bls_model, write_graph_model
     from segllm_edge.serving.round_scheduler import scheduler_parameters
 
     work = tmp_path_factory.mktemp("portable")
@@ -80,6 +81,10 @@ def repo(export_dir, tmp_path_factory):
     # ... and one that runs one round at a time with room for one more waiting (the overload test)
     write_bls_model(out, name="segllm_one", max_conversations=4,
                     extra_parameters=scheduler_parameters(max_concurrent_rounds=1, max_queued_rounds=1))
+    # ... and the mask decoder on OpenVINO (--graph-engine openvino), beside the onnxruntime one
+    manifest = Manifest.load(work / "export")
+    write_graph_model(out, manifest.graphs["mask_decoder"], int(manifest.model["max_context"]),
+                      name="mask_decoder_openvino", graph_engine="openvino")
     (work / "export").rename(work / "export-gone")
     moved = work / "elsewhere" / "models"
     moved.parent.mkdir()
@@ -134,7 +139,8 @@ def test_repository_loaded(server, client):
     import tritonclient.grpc as g
 
     c = g.InferenceServerClient(server.grpc_url)
-    for m in ("segllm", "segllm_short", "encode_image", "preprocess", "seg_head", "mask_backbone", "mask_decoder"):
+    for m in ("segllm", "segllm_short", "encode_image", "preprocess", "seg_head", "mask_backbone", "mask_decoder",
+              "mask_decoder_openvino"):
         assert c.is_model_ready(m), m
     from segllm_edge.contracts.serving import BLS_GRAPHS
 
@@ -182,6 +188,27 @@ def _raw(server, model, **arrays):
         raise map_error(exc) from None
     finally:
         c.close()
+
+
+def test_a_graph_model_on_openvino_gives_the_onnxruntime_models_answers(server, export_dir):
+    """--graph-engine openvino inside Triton's python stub: OpenVINO really runs (outputs not bit-identical to
+    onnxruntime's: another summation order) and gives the same answers up to float rounding."""
+    from segllm_edge.contracts.manifest import Manifest
+
+    spec = Manifest.load(export_dir).graphs["mask_decoder"]
+    rng = np.random.default_rng(7)
+    feeds = {t.name: rng.standard_normal([1 if isinstance(d, str) else d for d in t.shape]).astype(t.dtype)
+             for t in spec.inputs}
+    ort_out, ov_out = (_raw(server, m, **feeds) for m in ("mask_decoder", "mask_decoder_openvino"))
+    differ = []
+    for t in spec.outputs:
+        a, b = ort_out.as_numpy(t.name), ov_out.as_numpy(t.name)
+        assert a.shape == b.shape and a.dtype == b.dtype, t.name
+        err = float(np.abs(a - b).max() / np.abs(a).max())
+        print(f"{t.name}: max rel err openvino vs onnxruntime {err:.1e}")
+        assert err < 1e-3, (t.name, err)
+        differ.append(not np.array_equal(a, b))
+    assert any(differ), "the openvino model's outputs are onnxruntime's bit for bit: did OpenVINO run?"
 
 
 def _b(x: bytes):
@@ -685,6 +712,33 @@ def test_triton_repo_cli(export_dir, tmp_path):
     r = CliRunner().invoke(main, ["triton-repo", "--export", str(export_dir), "--out", str(out), "--force",
                                   "--max-concurrent-rounds", "0"])
     assert r.exit_code != 0 and "max-concurrent-rounds" in r.output and "Traceback" not in r.output
+    # --graph-engine: on every stateless graph model (onnxruntime unless asked), python target only
+    def engines():
+        return {m: read_config(out / m / "config.pbtxt").parameters["segllm_graph_engine"].string_value
+                for m in ("mask_backbone", "mask_decoder", "seg_head")}
+
+    assert set(engines().values()) == {"onnxruntime"}
+    r = CliRunner().invoke(main, ["triton-repo", "--export", str(export_dir), "--out", str(out), "--force",
+                                  "--graph-engine", "openvino"])
+    assert r.exit_code == 0, r.output
+    assert set(engines().values()) == {"openvino"}
+    r = CliRunner().invoke(main, ["triton-repo", "--export", str(export_dir), "--out", str(tmp_path / "ngc"),
+                                  "--target", "ngc", "--graph-engine", "openvino"])
+    assert r.exit_code != 0 and "--target python" in r.output and "Traceback" not in r.output
+    from segllm_edge.errors import ConfigError
+    from segllm_edge.serving.repository import generate_repository
+
+    with pytest.raises(ConfigError, match="unknown graph engine 'tensorrt'"):
+        generate_repository(export_dir, tmp_path / "bad", graph_engine="tensorrt")
+    assert not (tmp_path / "bad").exists()      # refused before anything was written
+    # serve --repo runs a repository as written: --graph-engine there is refused, not ignored
+    from segllm_edge.serving.tritonserver import free_port
+
+    ports = [str(free_port()) for _ in range(3)]
+    r = CliRunner().invoke(main, ["serve", "--export", str(export_dir), "--repo", str(out), "--graph-engine",
+                                  "openvino", "--http-port", ports[0], "--grpc-port", ports[1],
+                                  "--metrics-port", ports[2]])
+    assert r.exit_code != 0 and "triton-repo --graph-engine" in r.output and "Traceback" not in r.output, r.output
 
 
 def test_serve_cli_starts_answers_and_stops(export_dir, images, reference, tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,10 @@ class OpenVinoSession:
         self.request = self.compiled.create_infer_request()
         self.precision = precision + (f"+ffn-{ffn}" if ffn else "")
         self._inputs = [_Input(p.get_any_name()) for p in self.compiled.inputs]
+        self._outputs = {name: i for i, o in enumerate(self.compiled.outputs) for name in o.get_names()}
+        # one infer request (its buffers are the size of the graph's activations): callers on several threads
+        # (a server's round threads) take turns, as onnxruntime's session.run would let them run at once
+        self._lock = threading.Lock()
 
     def get_inputs(self):
         return self._inputs
@@ -104,10 +109,19 @@ class OpenVinoSession:
     def get_providers(self):
         return [f"OpenVINO CPU {self.precision}"]
 
-    def run(self, _output_names, feeds: dict) -> list[np.ndarray]:
-        self.request.infer({k: _tensor(v) for k, v in feeds.items()})
-        # the request reuses its output buffers: copy before the next call overwrites them
-        return [_array(self.request.get_output_tensor(i)) for i in range(len(self.compiled.outputs))]
+    def run(self, output_names, feeds: dict) -> list[np.ndarray]:
+        """The outputs named (in that order; ``None``: all, in the graph's order), as onnxruntime returns them."""
+        if output_names is None:
+            index = list(range(len(self.compiled.outputs)))
+        else:
+            unknown = [n for n in output_names if n not in self._outputs]
+            if unknown:
+                raise BackendError(f"graph has no output {unknown[0]!r}; it has {sorted(self._outputs)}")
+            index = [self._outputs[n] for n in output_names]
+        with self._lock:
+            self.request.infer({k: _tensor(v) for k, v in feeds.items()})
+            # the request reuses its output buffers: copy before the next call overwrites them
+            return [_array(self.request.get_output_tensor(i)) for i in index]
 
 
 def _tensor(a: np.ndarray):

@@ -585,7 +585,7 @@ class InProcessCaller:
     as Triton minus the transport. Like the repository it has no model for
     :data:`~segllm_edge.contracts.serving.BLS_GRAPHS`."""
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None):
+    def __init__(self, export_dir: str | Path, threads: int | None = None, graph_engine: str = "onnxruntime"):
         from ..contracts.manifest import Manifest
         from .models import OrtGraphModel, PreprocessModel
         from .repository import graph_model_config_dict
@@ -597,7 +597,8 @@ class InProcessCaller:
             if name in BLS_GRAPHS:
                 continue
             m = OrtGraphModel()
-            m.setup(graph_model_config_dict(g, folder / g.file, threads, int(manifest.model["max_context"])))
+            m.setup(graph_model_config_dict(g, folder / g.file, threads, int(manifest.model["max_context"]),
+                                            engine=graph_engine))
             self.models[name] = m
         pre = PreprocessModel()
         pre.setup({"name": PREPROCESS_MODEL, "parameters": {

@@ -1,6 +1,7 @@
 """The stateless python-backend models of a generated repository (``--target python``).
 
-* :class:`OrtGraphModel` -- one exported graph run by onnxruntime (CPU).  Its tensor names and
+* :class:`OrtGraphModel` -- one exported graph run by onnxruntime, or by OpenVINO (CPU; the ``segllm_graph_engine``
+  parameter, ``--graph-engine``).  Its tensor names and
   dtypes come from the model's ``config.pbtxt``, which the generator wrote from the manifest;
   the graph file is the ``segllm_graph_file`` parameter (absolute, or relative to the model folder).
 * :class:`PreprocessModel` -- encoded image bytes → the CLIP and HIPIE input tensors, plus what
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contracts.serving import (HIPIE_IMAGE, PARAM_AXES, PARAM_AXIS_LIMITS, PARAM_CLIP_SIZE, PARAM_GRAPH_FILE,
+from ..contracts.serving import (GRAPH_ENGINE_OPENVINO, GRAPH_ENGINE_ORT, GRAPH_ENGINES, HIPIE_IMAGE, PARAM_AXES,
+                                PARAM_AXIS_LIMITS, PARAM_CLIP_SIZE, PARAM_GRAPH_ENGINE, PARAM_GRAPH_FILE,
                                 PARAM_THREADS, PIXEL_VALUES)
 from ..errors import ImageError
 from ..runtime.arena import trim_heap
@@ -60,8 +62,36 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def check_graph_engine(engine: str) -> str:
+    """``engine`` if a graph model can run on it here; ConfigError naming the choices, BackendError (with the
+    install hint) when it is openvino and OpenVINO is not installed."""
+    from ..errors import ConfigError
+
+    if engine not in GRAPH_ENGINES:
+        raise ConfigError(f"unknown graph engine {engine!r}; choose one of {', '.join(GRAPH_ENGINES)}")
+    if engine == GRAPH_ENGINE_OPENVINO:
+        from ..runtime.openvino_backend import require_openvino
+
+        require_openvino()
+    return engine
+
+
+def graph_session(path: str | os.PathLike, name: str, engine: str = GRAPH_ENGINE_ORT, threads: int | None = None):
+    """The session a graph model runs its graph with: :func:`ort_session`, or OpenVINO's CPU plugin in fp32
+    (:func:`~segllm_edge.runtime.openvino_backend.open_graph`, as ``load(export, backend="openvino")`` opens it;
+    a graph OpenVINO cannot compile runs on onnxruntime)."""
+    if check_graph_engine(engine) == GRAPH_ENGINE_ORT:
+        return ort_session(path, threads)
+    import openvino as ov
+
+    from ..runtime.openvino_backend import open_graph
+
+    return open_graph(ov.Core(), Path(path), name, "f32", int(threads or os.cpu_count() or 1))
+
+
 class OrtGraphModel(PythonModel):
-    """Runs one exported graph with onnxruntime; inputs/outputs as listed in its config (= the manifest)."""
+    """Runs one exported graph with onnxruntime (or OpenVINO: the ``segllm_graph_engine`` parameter); inputs
+    and outputs as listed in its config (= the manifest)."""
 
     def initialize(self) -> None:
         name = self.config.get("name", "")
@@ -70,7 +100,8 @@ class OrtGraphModel(PythonModel):
             raise ValueError(f"model {name!r} has no {PARAM_GRAPH_FILE!r} parameter")
         self.graph_path = resolve_model_path(graph_file, self.args, name)
         threads = int(self.params.get(PARAM_THREADS) or 0) or None
-        self.session = ort_session(self.graph_path, threads)
+        self.engine = self.params.get(PARAM_GRAPH_ENGINE) or GRAPH_ENGINE_ORT
+        self.session = graph_session(self.graph_path, name, self.engine, threads)
         self.input_dtypes = {i["name"]: numpy_dtype(i["data_type"]) for i in self.config.get("input", [])}
         self.output_names = [o["name"] for o in self.config.get("output", [])]
         import json
