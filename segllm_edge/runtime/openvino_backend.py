@@ -114,6 +114,7 @@ class OpenVinoSession:
         if output_names is None:
             index = list(range(len(self.compiled.outputs)))
         else:
+            output_names = list(output_names)
             unknown = [n for n in output_names if n not in self._outputs]
             if unknown:
                 raise BackendError(f"graph has no output {unknown[0]!r}; it has {sorted(self._outputs)}")

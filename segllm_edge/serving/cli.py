@@ -223,6 +223,9 @@ def serve_command(export_dir, repo, http_port, grpc_port, metrics_port, address,
         if repo is not None and ctx.get_parameter_source("graph_engine") == click.core.ParameterSource.COMMANDLINE:
             raise ConfigError("--graph-engine configures a generated repository; for --repo write it with "
                               "`segllm-edge triton-repo --graph-engine`")
+        from .models import check_graph_engine
+
+        check_graph_engine(graph_engine)     # openvino not installed: said now, not as a model that fails to load
         repo = repo or _cached_repo(export_dir, max_conversations, idle_timeout, {**store, **rounds},
                                     f"{address}:{grpc_port}", graph_engine)
         if redis_url:

@@ -62,14 +62,15 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def check_graph_engine(engine: str) -> str:
-    """``engine`` if a graph model can run on it here; ConfigError naming the choices, BackendError (with the
-    install hint) when it is openvino and OpenVINO is not installed."""
+def check_graph_engine(engine: str, here: bool = True) -> str:
+    """``engine`` if it is one of :data:`GRAPH_ENGINES` (else ConfigError naming the choices) and, with ``here``,
+    a graph model can run on it in this Python (BackendError with the install hint when OpenVINO is not
+    installed; a repository written for another machine checks the name only)."""
     from ..errors import ConfigError
 
     if engine not in GRAPH_ENGINES:
         raise ConfigError(f"unknown graph engine {engine!r}; choose one of {', '.join(GRAPH_ENGINES)}")
-    if engine == GRAPH_ENGINE_OPENVINO:
+    if here and engine == GRAPH_ENGINE_OPENVINO:
         from ..runtime.openvino_backend import require_openvino
 
         require_openvino()
@@ -79,14 +80,20 @@ def check_graph_engine(engine: str) -> str:
 def graph_session(path: str | os.PathLike, name: str, engine: str = GRAPH_ENGINE_ORT, threads: int | None = None):
     """The session a graph model runs its graph with: :func:`ort_session`, or OpenVINO's CPU plugin in fp32
     (:func:`~segllm_edge.runtime.openvino_backend.open_graph`, as ``load(export, backend="openvino")`` opens it;
-    a graph OpenVINO cannot compile runs on onnxruntime)."""
+    a graph OpenVINO cannot compile runs on onnxruntime, with a warning, in :func:`ort_session`'s settings)."""
     if check_graph_engine(engine) == GRAPH_ENGINE_ORT:
         return ort_session(path, threads)
     import openvino as ov
 
-    from ..runtime.openvino_backend import open_graph
+    from ..runtime.openvino_backend import OpenVinoSession, open_graph
 
-    return open_graph(ov.Core(), Path(path), name, "f32", int(threads or os.cpu_count() or 1))
+    session = open_graph(ov.Core(), Path(path), name, "f32", int(threads or os.cpu_count() or 1))
+    if isinstance(session, OpenVinoSession):
+        return session
+    import warnings
+
+    warnings.warn(f"graph model {name!r}: OpenVINO cannot compile {path}; it runs on onnxruntime", stacklevel=2)
+    return ort_session(path, threads)
 
 
 class OrtGraphModel(PythonModel):

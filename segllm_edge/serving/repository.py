@@ -232,7 +232,7 @@ def generate_repository(export_dir, out_repo, target: str = "python", max_conver
         raise ValueError("max_conversations must be >= 1")
     from .models import check_graph_engine
 
-    check_graph_engine(graph_engine)
+    check_graph_engine(graph_engine, here=False)     # the repository may be served on another machine
     if graph_engine != GRAPH_ENGINE_ORT and target != "python":
         raise ConfigError(f"graph engine {graph_engine!r} is for --target python; the {target!r} target's graph "
                           "models run on Triton's own backends")
